@@ -1,0 +1,40 @@
+# The whole set-up is in here: `make serve` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+MODEL_DIR := .models/demo-vlm
+export UV_PYTHON := 3.11
+
+.PHONY: setup demo-model serve test lint fmt clean
+
+setup: $(VENV)/.iris-synced
+
+$(VENV)/.iris-synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
+		{ echo ">> installing uv"; python3 -m pip install --quiet uv; }
+	@echo ">> installing the locked environment into $(VENV) (first run downloads ~3.5 GB)"
+	$(UV) sync --frozen --extra cpu
+	@touch $@
+
+demo-model: setup $(MODEL_DIR)/.complete
+
+$(MODEL_DIR)/.complete: scripts/make_demo_model.py
+	@echo ">> generating the tiny random-weight demo VLM into $(MODEL_DIR)"
+	$(PY) scripts/make_demo_model.py --out $(MODEL_DIR)
+	@touch $@
+
+serve: setup demo-model
+	$(PY) -m deployments.run
+
+test: setup demo-model
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+fmt: setup
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

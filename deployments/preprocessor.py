@@ -1,0 +1,71 @@
+"""ImagePreprocessor: bytes -> uint8 pixels at the model's target size (CPU bound)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from handlers.config import IrisConfig
+from handlers.imaging import Detail, load_geometry, pixel_bounds, prepare_image
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """What the ingress gets back: a reference to the pixels, never the pixels."""
+
+    ref: ray.ObjectRef
+    uuid: str
+    width: int
+    height: int
+    tokens: int
+
+
+@serve.deployment(name="ImagePreprocessor")
+class ImagePreprocessor:
+    def __init__(self, config: IrisConfig, fetcher: DeploymentHandle) -> None:
+        self._cfg = config.imaging
+        self._fetcher = fetcher
+        geometry = load_geometry(config.model.source)
+        if self._cfg.min_pixels or self._cfg.max_pixels:
+            geometry = type(geometry)(
+                patch_size=geometry.patch_size,
+                merge_size=geometry.merge_size,
+                min_pixels=self._cfg.min_pixels or geometry.min_pixels,
+                max_pixels=self._cfg.max_pixels or geometry.max_pixels,
+            )
+        self._geometry = geometry
+        # Decoding and resizing release the GIL; one thread per CPU this replica owns.
+        threads = max(1, int(os.environ.get("IRIS_PREPROCESS_THREADS", "0")) or 1)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="iris-prep")
+
+    async def prepare(self, url: str, detail: Detail = "auto") -> PreparedImage:
+        fetched = await self._fetcher.fetch.remote(url)
+        min_px, max_px = pixel_bounds(
+            self._geometry, detail, self._cfg.default_detail, self._cfg.low_detail_max_pixels
+        )
+        pixels = await asyncio.get_running_loop().run_in_executor(
+            self._pool,
+            lambda: prepare_image(
+                fetched.data,
+                self._geometry,
+                min_pixels=min_px,
+                max_pixels=max_px,
+                fidelity=self._cfg.fidelity,
+                max_decoded_pixels=self._cfg.max_decoded_pixels,
+            ),
+        )
+        # The uuid names the exact pixels: same bytes at another size are another item.
+        uuid = f"{fetched.sha256[:32]}-{pixels.width}x{pixels.height}"
+        return PreparedImage(
+            ref=ray.put(pixels.array),
+            uuid=uuid,
+            width=pixels.width,
+            height=pixels.height,
+            tokens=self._geometry.tokens_for(pixels.height, pixels.width),
+        )

@@ -1,0 +1,228 @@
+"""The one Iris configuration: YAML named by IRIS_CONFIG, overridden by IRIS_* env vars."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "infra" / "local.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Strict):
+    id: str = Field("demo-vlm", description="Model id clients send and /v1/models lists.")
+    source: str = Field(
+        ".models/demo-vlm",
+        description="Local directory or Hugging Face id of the checkpoint vLLM loads.",
+    )
+
+
+class EngineSettings(_Strict):
+    max_model_len: int = Field(4096, gt=0, description="Context length given to vLLM.")
+    dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, float16).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model shard group.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (may span nodes).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory share.")
+    max_num_seqs: int = Field(64, gt=0, description="Max sequences the engine batches at once.")
+    limit_images_per_prompt: int = Field(8, ge=0, description="vLLM limit_mm_per_prompt image.")
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vllm AsyncEngineArgs fields, passed as-is."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment for the engine replica (e.g. VLLM_CPU_KVCACHE_SPACE).",
+    )
+
+
+class LimitSettings(_Strict):
+    max_body_bytes: int = Field(64 << 20, gt=0, description="Largest accepted request body.")
+    max_images_per_request: int = Field(8, ge=0, description="Images allowed in one request.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Whole-request deadline.")
+
+
+class FetchSettings(_Strict):
+    max_image_bytes: int = Field(32 << 20, gt=0, description="Largest image download.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout.")
+    read_timeout_s: float = Field(10.0, gt=0, description="Timeout between received bytes.")
+    total_timeout_s: float = Field(30.0, gt=0, description="Deadline for one whole fetch.")
+    allow_private_networks: bool = Field(
+        False, description="Allow http(s) fetches to private/loopback addresses."
+    )
+    allowed_domains: list[str] | None = Field(
+        None, description="If set, http(s) hosts must match one of these (suffix match)."
+    )
+    s3_allowed_buckets: list[str] = Field(
+        default_factory=list, description='S3 buckets images may come from; ["*"] allows all.'
+    )
+    cache_max_bytes: int = Field(256 << 20, ge=0, description="Fetcher LRU cache size in bytes.")
+
+
+class ImagingSettings(_Strict):
+    fidelity: Literal["exact", "fast"] = Field(
+        "exact", description="exact: same pixels as the model's processor; fast: JPEG draft."
+    )
+    min_pixels: int | None = Field(None, description="Override the model's min_pixels.")
+    max_pixels: int | None = Field(None, description="Override the model's max_pixels.")
+    low_detail_max_pixels: int = Field(
+        200704, gt=0, description="Pixel budget for detail=low (256 tokens on Qwen2-VL)."
+    )
+    default_detail: Literal["low", "high"] = Field(
+        "high", description="What detail=auto (or no detail) means."
+    )
+    max_decoded_pixels: int = Field(
+        100_000_000, gt=0, description="Refuse images whose header says more pixels than this."
+    )
+
+
+class DeploymentSettings(_Strict):
+    num_replicas: int | None = Field(None, ge=0, description="Fixed replicas (no autoscaling).")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling_config; overrides num_replicas."
+    )
+    max_ongoing_requests: int | None = Field(None, gt=0, description="Per replica concurrency.")
+    max_queued_requests: int | None = Field(None, description="Queue cap per handle (-1 = none).")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs reserved per replica.")
+    resources: dict[str, float] | None = Field(None, description="Custom Ray resources.")
+
+    def serve_options(self) -> dict[str, Any]:
+        """Options for `Deployment.options(...)`, only those that are set."""
+        opts: dict[str, Any] = {}
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config
+        elif self.num_replicas is not None:
+            opts["num_replicas"] = self.num_replicas
+        if self.max_ongoing_requests is not None:
+            opts["max_ongoing_requests"] = self.max_ongoing_requests
+        if self.max_queued_requests is not None:
+            opts["max_queued_requests"] = self.max_queued_requests
+        actor: dict[str, Any] = {}
+        if self.num_cpus is not None:
+            actor["num_cpus"] = self.num_cpus
+        if self.num_gpus is not None:
+            actor["num_gpus"] = self.num_gpus
+        if self.resources:
+            actor["resources"] = self.resources
+        if actor:
+            opts["ray_actor_options"] = actor
+        return opts
+
+
+class DeploymentsSettings(_Strict):
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=0.5),
+        description="ChatIngress (HTTP).",
+    )
+    fetcher: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=0.25),
+        description="ImageFetcher (I/O bound).",
+    )
+    preprocessor: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=1),
+        description="ImagePreprocessor (CPU bound, one per core).",
+    )
+    llm: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=1),
+        description="LLMServer (vLLM engine).",
+    )
+
+
+class HttpSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port of the Serve HTTP proxy.")
+
+
+class IrisConfig(BaseSettings):
+    """Everything Iris can be told. Nested env vars: IRIS_FETCH__MAX_IMAGE_BYTES=..."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IRIS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        protected_namespaces=(),
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings, description="What to serve.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits.")
+    fetch: FetchSettings = Field(default_factory=FetchSettings, description="Image fetching.")
+    imaging: ImagingSettings = Field(
+        default_factory=ImagingSettings, description="Image preprocessing."
+    )
+    deployments: DeploymentsSettings = Field(
+        default_factory=DeploymentsSettings, description="Serve options per deployment."
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP proxy.")
+    api_key: list[SecretStr] | None = Field(
+        None, description="Bearer key(s) required on every route but /health (IRIS_API_KEY)."
+    )
+    app_name: str = Field("iris", description="Serve application name.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _one_or_many_keys(cls, v: Any) -> Any:
+        # IRIS_API_KEY may be a single key or a JSON list; pydantic-settings hands
+        # us a plain string for the former.
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [k for k in (s.strip() for s in v.split(",")) if k] or None
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit init kwargs > IRIS_* env > YAML file.
+        yaml_path = _yaml_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+    def resolved(self) -> IrisConfig:
+        """Copy with a relative local model path made absolute (replicas run elsewhere)."""
+        src = Path(self.model.source)
+        if not src.is_absolute() and not src.exists() and (REPO_ROOT / src).exists():
+            src = REPO_ROOT / src
+        if src.exists():
+            model = self.model.model_copy(update={"source": str(src.resolve())})
+            return self.model_copy(update={"model": model})
+        return self
+
+
+def _yaml_path() -> Path | None:
+    name = os.environ.get("IRIS_CONFIG")
+    if name:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"IRIS_CONFIG names a file that does not exist: {name}")
+        return path
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_config(**overrides: Any) -> IrisConfig:
+    """Load YAML (IRIS_CONFIG or infra/local.yaml) + env; keyword overrides win."""
+    return IrisConfig(**overrides)

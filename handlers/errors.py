@@ -1,0 +1,209 @@
+"""One typed error hierarchy and the one mapping to OpenAI's error envelope."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+logger = logging.getLogger("iris.errors")
+
+
+class IrisError(Exception):
+    """Base of every error a client may see. Carries HTTP status and OpenAI fields."""
+
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep status/param/code when the error crosses a Ray deployment handle.
+        return (
+            _rebuild,
+            (type(self), self.message, self.param, self.code, self.status, self.headers),
+        )
+
+    def with_param(self, param: str) -> IrisError:
+        """Point the error at a request field, prefixing any inner param."""
+        self.param = f"{param}.{self.param}" if self.param else param
+        return self
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _rebuild(
+    cls: type[IrisError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    status: int,
+    headers: dict[str, str],
+) -> IrisError:
+    return cls(message, param=param, code=code, status=status, headers=headers)
+
+
+class InvalidRequest(IrisError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ImageError(InvalidRequest):
+    """The image itself, or fetching it, is the client's problem."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(ImageError):
+    code = "image_too_large"
+
+
+class ImageNotFound(ImageError):
+    code = "image_not_found"
+
+
+class FetchForbidden(ImageError):
+    code = "image_url_forbidden"
+
+
+class FetchTimeout(ImageError):
+    code = "image_fetch_timeout"
+
+
+class UpstreamUnavailable(IrisError):
+    """An image source failed on its side (5xx, throttling) after retries."""
+
+    status = 502
+    type = "upstream_error"
+    code = "image_source_unavailable"
+
+
+class AuthenticationFailed(IrisError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(IrisError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(IrisError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class Overloaded(IrisError):
+    status = 503
+    type = "overloaded_error"
+    code = "server_overloaded"
+
+
+class RequestTimeout(IrisError):
+    status = 504
+    type = "timeout_error"
+    code = "request_timeout"
+
+
+class InternalError(IrisError):
+    status = 500
+    type = "internal_error"
+    code = "internal_error"
+
+
+GENERIC_500 = "The server had an error while processing your request."
+
+# Anything that looks like internals must never reach a client.
+_LEAK = re.compile(r"(0x[0-9a-fA-F]{4,}|Traceback|File \"|/[\w.-]+/[\w./-]+\.py|\bline \d+\b)")
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Find the IrisError inside Ray's wrappers (RayTaskError.cause, __cause__)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, IrisError):
+            return cur
+        nxt = getattr(cur, "cause", None)
+        if not isinstance(nxt, BaseException):
+            nxt = cur.__cause__
+        cur = nxt
+    return exc
+
+
+def to_error(exc: BaseException) -> IrisError:
+    """Map any exception to an IrisError a client may see."""
+    inner = _unwrap(exc)
+    if isinstance(inner, IrisError):
+        if inner.status >= 500 and inner.type == "internal_error":
+            return InternalError(GENERIC_500)
+        if _LEAK.search(inner.message):
+            logger.warning("scrubbed a leaky error message: %s", inner.message)
+            return type(inner)(
+                "The request could not be processed.", param=inner.param, status=inner.status
+            )
+        return inner
+    if _is_type(inner, "BackPressureError"):
+        return Overloaded(
+            "The server is at capacity; retry shortly.", headers={"Retry-After": "1"}
+        )
+    if isinstance(inner, TimeoutError) or _is_type(inner, "GetTimeoutError"):
+        return RequestTimeout("The request took longer than the server allows.")
+    logger.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
+    return InternalError(GENERIC_500)
+
+
+def _is_type(exc: BaseException, name: str) -> bool:
+    return any(cls.__name__ == name for cls in type(exc).__mro__)
+
+
+def error_from_openai_payload(status: int, payload: dict[str, Any]) -> IrisError:
+    """Rebuild an IrisError from an OpenAI-style error dict (e.g. vLLM's ErrorResponse)."""
+    err = payload.get("error", payload)
+    message = str(err.get("message") or "")
+    param = err.get("param")
+    if status >= 500:
+        return InternalError(GENERIC_500)
+    cls: type[IrisError] = {
+        401: AuthenticationFailed,
+        404: NotFound,
+        413: PayloadTooLarge,
+        503: Overloaded,
+    }.get(status, InvalidRequest)
+    out = cls(message or "Invalid request.", param=param, status=status)
+    if err.get("code") and isinstance(err.get("code"), str):
+        out.code = err["code"]
+    return to_error(out)

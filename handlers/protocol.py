@@ -1,0 +1,154 @@
+"""Wire models the ingress needs. Full chat validation is vLLM's ChatCompletionRequest,
+run in the engine replica; here we only check what the ingress acts on (model, stream,
+messages and their image parts) and give errors that name the offending field."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from handlers.errors import InvalidRequest
+
+Detail = Literal["auto", "low", "high"]
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    detail: Detail = "auto"
+
+
+class ImageURLPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class ChatEnvelope(BaseModel):
+    """The fields of a chat request the ingress reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image content part: where it is in the request and what it points at."""
+
+    message: int
+    part: int
+    url: str
+    detail: Detail
+
+    @property
+    def param(self) -> str:
+        return f"messages[{self.message}].content[{self.part}].image_url"
+
+
+KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+def _loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    out = prefix
+    for item in loc:
+        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
+    return out
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
+    """First pydantic error as (message, param)."""
+    err = exc.errors()[0]
+    param = _loc(prefix, tuple(err.get("loc", ())))
+    return f"{param or 'body'}: {err.get('msg', 'invalid value')}", param
+
+
+def parse_envelope(body: Any) -> ChatEnvelope:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        env = ChatEnvelope.model_validate(body)
+    except ValidationError as exc:
+        msg, param = validation_message(exc)
+        raise InvalidRequest(msg, param=param) from None
+    if not env.messages:
+        raise InvalidRequest("messages must contain at least one message.", param="messages")
+    return env
+
+
+def extract_images(messages: list[dict[str, Any]], max_images: int) -> list[ImageRef]:
+    """Find every image part, checking shapes and naming the field on error."""
+    refs: list[ImageRef] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object.", param=f"messages[{i}]")
+        role = msg.get("role")
+        if role not in KNOWN_ROLES:
+            raise InvalidRequest(
+                f"messages[{i}].role must be one of {sorted(KNOWN_ROLES)}.",
+                param=f"messages[{i}].role",
+            )
+        content = msg.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise InvalidRequest(
+                f"messages[{i}].content must be a string or a list of content parts.",
+                param=f"messages[{i}].content",
+            )
+        for j, part in enumerate(content):
+            prefix = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidRequest(f"{prefix} must be an object with a type.", param=prefix)
+            if part["type"] != "image_url":
+                continue
+            try:
+                p = ImageURLPart.model_validate(part)
+            except ValidationError as exc:
+                msg_, param = validation_message(exc, prefix)
+                raise InvalidRequest(msg_, param=param) from None
+            refs.append(ImageRef(i, j, p.image_url.url, p.image_url.detail))
+    if len(refs) > max_images:
+        raise InvalidRequest(
+            f"The request has {len(refs)} images; at most {max_images} are allowed.",
+            param="messages",
+            code="too_many_images",
+        )
+    return refs
+
+
+def strip_image_urls(messages: list[dict[str, Any]], refs: list[ImageRef]) -> list[dict[str, Any]]:
+    """Copy of messages without the (possibly huge) URLs; the engine gets pixels by ref."""
+    out = [dict(m) for m in messages]
+    for ref in refs:
+        content = out[ref.message]["content"]
+        if not isinstance(content, list) or content is messages[ref.message]["content"]:
+            content = list(messages[ref.message]["content"])
+            out[ref.message]["content"] = content
+        content[ref.part] = {"type": "image_url", "image_url": {"url": ""}}
+    return out
+
+
+def model_card(model_id: str, root: str, created: int | None = None) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created or int(time.time()),
+        "owned_by": "iris",
+        "root": root,
+        "parent": None,
+    }
+
+
+def model_list(model_id: str, root: str, created: int | None = None) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(model_id, root, created)]}
