@@ -124,19 +124,27 @@ class DeploymentSettings(_Strict):
 
 class DeploymentsSettings(_Strict):
     ingress: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=0.5),
+        default_factory=lambda: DeploymentSettings(
+            num_replicas=1, num_cpus=0.5, max_ongoing_requests=256
+        ),
         description="ChatIngress (HTTP).",
     )
     fetcher: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=0.25),
+        default_factory=lambda: DeploymentSettings(
+            num_replicas=1, num_cpus=0.25, max_ongoing_requests=128
+        ),
         description="ImageFetcher (I/O bound).",
     )
     preprocessor: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=1),
+        default_factory=lambda: DeploymentSettings(
+            num_replicas=1, num_cpus=1, max_ongoing_requests=32
+        ),
         description="ImagePreprocessor (CPU bound, one per core).",
     )
     llm: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_replicas=1, num_cpus=1),
+        default_factory=lambda: DeploymentSettings(
+            num_replicas=1, num_cpus=1, max_ongoing_requests=128
+        ),
         description="LLMServer (vLLM engine).",
     )
 

@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -48,15 +48,29 @@ class ProcessorGeometry:
         return (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
 
 
-def load_geometry(model_dir: str | Path) -> ProcessorGeometry:
-    """Read patch/merge size and pixel bounds from the model's preprocessor_config.json."""
-    path = Path(model_dir) / "preprocessor_config.json"
-    if not path.exists():
-        # A Hugging Face id: the file comes from the local HF cache (or the hub).
-        from huggingface_hub import hf_hub_download
+def _processor_json(model_dir: str | Path) -> dict[str, Any]:
+    """The image processor's settings: preprocessor_config.json (most checkpoints) or the
+    `image_processor` section of processor_config.json (what transformers 5 writes)."""
+    local = Path(model_dir)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = local / name
+        if not local.is_dir():
+            # A Hugging Face id: the file comes from the local HF cache (or the hub).
+            from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(str(model_dir), "preprocessor_config.json"))
-    cfg = json.loads(path.read_text())
+            try:
+                path = Path(hf_hub_download(str(model_dir), name))
+            except Exception:
+                continue
+        if path.exists():
+            cfg = json.loads(path.read_text())
+            return cfg.get("image_processor", cfg)
+    raise FileNotFoundError(f"no image processor config found for model {model_dir}")
+
+
+def load_geometry(model_dir: str | Path) -> ProcessorGeometry:
+    """Patch/merge size and pixel bounds from the model's image processor config."""
+    cfg = _processor_json(model_dir)
     size = cfg.get("size") or {}
     return ProcessorGeometry(
         patch_size=int(cfg.get("patch_size", 14)),
@@ -165,7 +179,10 @@ def _resize_exact(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
 
-    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    with warnings.catch_warnings():
+        # PIL's buffer is read-only; torchvision only reads it.
+        warnings.simplefilter("ignore", UserWarning)
+        chw = torch.from_numpy(rgb).permute(2, 0, 1)
     out = tvF.resize(chw, [height, width], interpolation=InterpolationMode.BICUBIC,
                      antialias=True)
     return np.ascontiguousarray(out.permute(1, 2, 0).numpy())

@@ -1,0 +1,50 @@
+"""LLMServer: one vLLM async engine per replica, serving chat with vLLM's own code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from deployments.preprocessor import PreparedImage
+from handlers.config import IrisConfig
+from handlers.engine import ChatEngine, Event, VllmChatEngine
+from handlers.errors import to_error
+
+
+def llm_serve_options(cfg: IrisConfig) -> dict[str, Any]:
+    """Serve options for LLMServer: the config's, plus the engine's environment."""
+    opts = cfg.deployments.llm.serve_options()
+    actor = opts.setdefault("ray_actor_options", {})
+    # vLLM reads its settings from the environment of the replica process.
+    actor["runtime_env"] = {"env_vars": dict(cfg.engine.env)}
+    return opts
+
+
+@serve.deployment(name="LLMServer")
+class LLMServer:
+    async def __init__(self, config: IrisConfig) -> None:
+        os.environ.update(config.engine.env)
+        self._engine: ChatEngine = await VllmChatEngine.start(config)
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    async def chat(
+        self, body: dict[str, Any], images: list[PreparedImage]
+    ) -> AsyncIterator[Event]:
+        """Yields ("json", dict) | ("error", IrisError) | ("sse", str) events."""
+        try:
+            # Pixels come straight from the preprocessor's object store entries.
+            arrays = await asyncio.gather(*(img.ref for img in images)) if images else []
+            pairs = [(arr, img.uuid) for arr, img in zip(arrays, images, strict=True)]
+            async for event in self._engine.chat(body, pairs):
+                yield event
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            yield "error", to_error(exc)
+

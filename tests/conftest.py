@@ -1,0 +1,74 @@
+"""Session-wide real services: moto S3, a loopback image server, and the Iris app.
+
+The Serve app (and its vLLM engine) starts once per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ImageServer, S3Server
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / ".models" / "demo-vlm"
+# vLLM on CPU: a small, fixed KV cache so several engines fit in this machine's RAM.
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    server = S3Server()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def iris_config():  # type: ignore[no-untyped-def]
+    from handlers.config import load_config
+
+    if not (MODEL_DIR / "config.json").exists():
+        pytest.exit("demo model missing: run `make demo-model` (make test does it)", 2)
+    return load_config(
+        http={"host": "127.0.0.1", "port": free_port()},
+        app_name="iris-test",
+    )
+
+
+@pytest.fixture(scope="session")
+def iris(iris_config, s3: S3Server) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Base URL (…/v1) of the real Iris app on a local Ray instance."""
+    import ray
+    from ray import serve
+
+    from deployments.run import start
+
+    env = {**s3.env, "PYTHONPATH": str(ROOT)}
+    # Replicas read AWS settings from their environment, as in production.
+    os.environ.update(s3.env)
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=False)
+    t0 = time.monotonic()
+    start(iris_config)
+    print(f"\n[iris] app ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    yield f"http://{iris_config.http.host}:{iris_config.http.port}/v1"
+    serve.shutdown()
+    ray.shutdown()

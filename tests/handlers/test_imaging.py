@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers.errors import ImageError, ImageTooLarge
+from handlers.imaging import ProcessorGeometry, prepare_image, smart_resize
+from tests.images import encode, pattern
+
+GEO = ProcessorGeometry(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)
+
+
+def prep(data: bytes, **kw: object) -> np.ndarray:
+    return prepare_image(
+        data, GEO, min_pixels=GEO.min_pixels, max_pixels=GEO.max_pixels, **kw  # type: ignore[arg-type]
+    ).array
+
+
+@pytest.mark.parametrize(
+    ("h", "w"), [(480, 640), (3000, 4000), (28, 28), (10, 1000), (1080, 1920), (2, 300)]
+)
+def test_smart_resize_matches_transformers(h: int, w: int) -> None:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as ref
+
+    assert smart_resize(h, w, 28, GEO.min_pixels, GEO.max_pixels) == ref(
+        h, w, factor=28, min_pixels=GEO.min_pixels, max_pixels=GEO.max_pixels
+    )
+
+
+def test_exact_mode_matches_hf_processor_pixels() -> None:
+    """Our uint8 output, normalised by the HF processor, equals its own full pipeline."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    hf = Qwen2VLImageProcessor(min_pixels=GEO.min_pixels, max_pixels=GEO.max_pixels)
+    img = pattern(333, 517, seed=3)
+    ours = prep(encode(img))
+    want = hf(images=[img], return_tensors="pt")
+    got = hf(images=[Image.fromarray(ours)], return_tensors="pt")
+    assert want["image_grid_thw"].tolist() == got["image_grid_thw"].tolist()
+    assert np.array_equal(want["pixel_values"].numpy(), got["pixel_values"].numpy())
+
+
+def test_target_size_is_multiple_of_patch_grid() -> None:
+    out = prep(encode(pattern(640, 480)))
+    assert out.shape == (476, 644, 3) and out.dtype == np.uint8
+
+
+def test_alpha_is_composited_on_white() -> None:
+    img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    out = prep(encode(img, "PNG"))
+    assert out.min() == 255
+
+
+def test_exif_orientation_applied() -> None:
+    img = pattern(120, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    out = prep(encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.shape[0] > out.shape[1]  # portrait once oriented
+
+
+def test_decompression_bomb_is_refused_from_header() -> None:
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, "PNG")
+    with pytest.raises(ImageTooLarge):
+        prepare_image(buf.getvalue(), GEO, min_pixels=GEO.min_pixels,
+                      max_pixels=GEO.max_pixels, max_decoded_pixels=10_000_000)
+
+
+@pytest.mark.parametrize("data", [b"not an image", encode(pattern(64, 64), "PNG")[:200]])
+def test_garbage_and_truncated_images_are_image_errors(data: bytes) -> None:
+    with pytest.raises(ImageError):
+        prep(data)
+
+
+def test_extreme_aspect_ratio_is_refused() -> None:
+    with pytest.raises(ImageError, match="aspect ratio"):
+        prep(encode(Image.new("RGB", (4000, 10))))
