@@ -1,10 +1,15 @@
-"""ChatIngress: the only HTTP surface. Parse -> delegate -> map errors."""
+"""ChatIngress: the only HTTP surface. Parse -> delegate -> map errors.
+
+Helpers live above the deployment class: Serve ships the ingress class by value, and
+module globals defined after it are not there in the replica."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,13 +21,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.preprocessor import PreparedImage
+from handlers.auth import BearerAuth
 from handlers.config import IrisConfig
 from handlers.errors import (
     InvalidRequest,
     IrisError,
     ModelNotFound,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     to_error,
 )
 from handlers.protocol import (
@@ -36,7 +44,9 @@ from handlers.protocol import (
 
 logger = logging.getLogger("ray.serve")
 
-app = FastAPI(title="Iris", docs_url=None, redoc_url=None)
+app = FastAPI(title="Iris", docs_url=None, redoc_url=None, openapi_url=None)
+app.state.api_keys = None
+app.add_middleware(BearerAuth, keys=lambda: app.state.api_keys)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -65,8 +75,50 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(IrisError(str(exc.detail), status=exc.status_code))
 
 
+@app.exception_handler(Exception)
+async def _any_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
 def sse_error(exc: BaseException) -> str:
     return f"data: {json.dumps(to_error(exc).envelope())}\n\ndata: [DONE]\n\n"
+
+
+async def relay_stream(first: str, gen: Any, deadline: float) -> AsyncIterator[str]:
+    """Relay SSE chunks; an error after the first byte becomes an SSE error event."""
+    done = False
+    try:
+        yield first
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeout("The request took longer than the server allows.")
+            try:
+                kind, payload = await asyncio.wait_for(gen.__anext__(), remaining)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestTimeout("The request took longer than the server allows.") from None
+            if kind == "error":
+                yield sse_error(payload)
+                break
+            yield payload
+        done = True
+    except Exception as exc:
+        yield sse_error(exc)
+    finally:
+        if not done:
+            gen.cancel()  # client went away or we failed: stop the engine request too
+
+
+def _request_id() -> str:
+    """Serve's request id (the client's x-request-id, or one Serve generated)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or uuid.uuid4().hex
+    except Exception:
+        return uuid.uuid4().hex
 
 
 @serve.deployment(name="ChatIngress")
@@ -79,11 +131,25 @@ class ChatIngress:
         self._model_id = config.model.id
         self._prep = preprocessor
         self._llm = llm
-        self._created = int(__import__("time").time())
+        self._created = int(time.time())
+        app.state.api_keys = (
+            [k.get_secret_value().encode() for k in config.api_key] if config.api_key else None
+        )
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
+        """Liveness: this replica answers."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> JSONResponse:
+        """Readiness: the engine can serve."""
+        try:
+            await asyncio.wait_for(self._llm.check_health.remote(), 10)
+        except Exception:
+            err = Overloaded("The engine is not ready.", code="not_ready")
+            return JSONResponse(err.envelope(), status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -97,29 +163,48 @@ class ChatIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        deadline = time.monotonic() + self._cfg.limits.request_timeout_s
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await self._chat(request, deadline)
+        except TimeoutError:
+            raise RequestTimeout("The request took longer than the server allows.") from None
+
+    async def _chat(self, request: Request, deadline: float) -> Response:
         body = await self._read_json(request)
         env = parse_envelope(body)
         if env.model != self._model_id:
             raise ModelNotFound(f"The model {env.model!r} does not exist.", param="model")
         refs = extract_images(env.messages, self._cfg.limits.max_images_per_request)
-        images = await asyncio.gather(*(self._prepare(r) for r in refs))
+        images = list(await asyncio.gather(*(self._prepare(r) for r in refs)))
+        total = sum(img.width * img.height for img in images)
+        if total > self._cfg.limits.max_total_pixels:
+            raise InvalidRequest(
+                f"The request's images total {total} pixels after resizing; the limit is "
+                f"{self._cfg.limits.max_total_pixels}.", param="messages", code="too_many_pixels",
+            )
         body["messages"] = strip_image_urls(env.messages, refs)
+        rid = _request_id()
+        # vLLM names the engine request after this; unique even if clients reuse ids.
+        body["request_id"] = f"{rid}-{uuid.uuid4().hex[:8]}"
 
-        gen = self._llm.options(stream=True).chat.remote(body, list(images))
+        gen = self._llm.options(stream=True).chat.remote(body, images)
         try:
             kind, payload = await gen.__anext__()
         except StopAsyncIteration:
             raise IrisError("The engine returned nothing.") from None
-        except Exception as exc:
+        except BaseException as exc:
             gen.cancel()
-            raise to_error(exc) from None
+            if isinstance(exc, Exception):
+                raise to_error(exc) from None
+            raise
         if kind == "json":
             return JSONResponse(payload)
         if kind == "error":
             gen.cancel()
             raise payload
         return StreamingResponse(
-            _stream(payload, gen),
+            relay_stream(payload, gen, deadline),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -129,7 +214,7 @@ class ChatIngress:
             return await self._prep.prepare.remote(ref.url, ref.detail)
         except Exception as exc:
             err = to_error(exc)
-            if isinstance(err, IrisError) and err.status < 500 and not err.param:
+            if err.status < 500 and not err.param:
                 err.with_param(ref.param + ".url")
             raise err from None
 
@@ -150,18 +235,3 @@ class ChatIngress:
         except (ValueError, UnicodeDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
 
-
-async def _stream(first: str, gen: Any) -> AsyncIterator[str]:
-    """Relay SSE chunks; an error after the first byte becomes an SSE error event."""
-    try:
-        yield first
-        async for kind, payload in gen:
-            if kind == "error":
-                yield sse_error(payload)
-                return
-            yield payload
-    except asyncio.CancelledError:
-        gen.cancel()  # client went away: stop the engine request too
-        raise
-    except Exception as exc:
-        yield sse_error(exc)

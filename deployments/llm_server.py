@@ -33,6 +33,9 @@ class LLMServer:
     async def check_health(self) -> None:
         await self._engine.check_health()
 
+    async def stats(self) -> dict[str, int]:
+        return {"unfinished_requests": self._engine.num_unfinished()}
+
     async def chat(
         self, body: dict[str, Any], images: list[PreparedImage]
     ) -> AsyncIterator[Event]:

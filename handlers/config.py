@@ -51,6 +51,9 @@ class EngineSettings(_Strict):
 class LimitSettings(_Strict):
     max_body_bytes: int = Field(64 << 20, gt=0, description="Largest accepted request body.")
     max_images_per_request: int = Field(8, ge=0, description="Images allowed in one request.")
+    max_total_pixels: int = Field(
+        16_000_000, gt=0, description="Pixels (after resizing) a request's images may total."
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="Whole-request deadline.")
 
 

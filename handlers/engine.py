@@ -34,6 +34,8 @@ class ChatEngine(Protocol):
 
     async def check_health(self) -> None: ...
 
+    def num_unfinished(self) -> int: ...
+
 
 def engine_cli_args(cfg: IrisConfig) -> list[str]:
     """vLLM server arguments for this config (the same flags `vllm serve` takes)."""
@@ -117,6 +119,10 @@ class VllmChatEngine:
 
     async def check_health(self) -> None:
         await self._engine.check_health()
+
+    def num_unfinished(self) -> int:
+        """Requests the engine still holds (running or waiting)."""
+        return int(self._engine.get_num_unfinished_requests())
 
     def shutdown(self) -> None:
         self._engine.shutdown()

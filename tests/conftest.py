@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".models" / "demo-vlm"
 # vLLM on CPU: a small, fixed KV cache so several engines fit in this machine's RAM.
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+API_KEYS = ["iris-test-key", "iris-second-key"]
+# Small engine queue so the backpressure test can overflow it quickly.
+LLM_MAX_ONGOING = 4
+LLM_MAX_QUEUED = 4
+MAX_BODY_BYTES = 8 << 20
 
 
 def free_port() -> int:
@@ -47,9 +52,17 @@ def iris_config():  # type: ignore[no-untyped-def]
 
     if not (MODEL_DIR / "config.json").exists():
         pytest.exit("demo model missing: run `make demo-model` (make test does it)", 2)
-    return load_config(
+    cfg = load_config(
         http={"host": "127.0.0.1", "port": free_port()},
         app_name="iris-test",
+        api_key=API_KEYS,
+        limits={"max_body_bytes": MAX_BODY_BYTES},
+    )
+    llm = cfg.deployments.llm.model_copy(
+        update={"max_ongoing_requests": LLM_MAX_ONGOING, "max_queued_requests": LLM_MAX_QUEUED}
+    )
+    return cfg.model_copy(
+        update={"deployments": cfg.deployments.model_copy(update={"llm": llm})}
     )
 
 

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import datetime
+import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
 class ImageServer:
-    """Serves bytes (or scripted behaviours) on 127.0.0.1 and counts requests per path."""
+    """Serves bytes (or scripted behaviours) on 127.0.0.1 and counts requests per path.
 
-    def __init__(self) -> None:
+    With `tls` (an SSLContext), it speaks HTTPS and records the SNI names it was sent.
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.hits: Counter[str] = Counter()
+        self.hosts: list[str] = []  # Host header of every request
+        self.sni: list[str | None] = []
+        self.sent: Counter[str] = Counter()  # body bytes written, for streaming routes
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -26,6 +35,7 @@ class ImageServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 outer.hits[path] += 1
+                outer.hosts.append(self.headers.get("Host", ""))
                 route = outer.routes.get(path)
                 if route is None:
                     self.send_error(404)
@@ -37,18 +47,35 @@ class ImageServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+
+            def remember_sni(sock: Any, name: str | None, ctx: Any) -> None:
+                outer.sni.append(name)
+
+            tls.sni_callback = remember_sni
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+            self.scheme = "https"
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
-    def add_bytes(self, path: str, data: bytes, content_type: str = "image/png") -> str:
+    def add_bytes(
+        self,
+        path: str,
+        data: bytes,
+        content_type: str = "image/png",
+        headers: dict[str, str] | None = None,
+    ) -> str:
         def route(h: BaseHTTPRequestHandler) -> None:
             h.send_response(200)
             h.send_header("Content-Type", content_type)
             h.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                h.send_header(name, value)
             h.end_headers()
             h.wfile.write(data)
 
@@ -96,9 +123,77 @@ class ImageServer:
         self.routes[path] = route
         return self.url(path)
 
+    def add_status(self, path: str, status: int) -> str:
+        def route(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(status)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+        self.routes[path] = route
+        return self.url(path)
+
+    def add_stream(self, path: str, head: bytes, total: int, chunk: int = 64 << 10) -> str:
+        """`head` then zeros up to `total` bytes, with no Content-Length (close-delimited)."""
+
+        def route(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(200)
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.close_connection = True
+            try:
+                h.wfile.write(head)
+                self.sent[path] += len(head)
+                zeros = bytes(chunk)
+                while self.sent[path] < total:
+                    h.wfile.write(zeros)
+                    self.sent[path] += chunk
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass
+
+        self.routes[path] = route
+        return self.url(path)
+
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def self_signed_tls(hostname: str, directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting it) for a certificate naming `hostname`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = directory / "cert.pem"
+    key_pem = directory / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_pem, key_pem)
+    client = ssl.create_default_context(cafile=str(cert_pem))
+    return server, client
 
 
 class S3Server:

@@ -9,9 +9,11 @@ import openai
 import pytest
 
 from handlers.imaging import ProcessorGeometry, smart_resize
+from tests.conftest import API_KEYS
 from tests.images import data_uri, encode, pattern
 
 MODEL = "demo-vlm"
+API_KEY = API_KEYS[0]
 GEO = ProcessorGeometry(min_pixels=3136, max_pixels=1003520)
 
 
@@ -23,12 +25,12 @@ def image_msg(*urls: str, text: str = "Describe the image.") -> list[dict[str, A
 
 @pytest.fixture(scope="module")
 def client(iris: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=iris, api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def aclient(iris: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=iris, api_key="unused", max_retries=0, timeout=300)
+    return openai.AsyncOpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def greedy(client: openai.OpenAI, messages: list[dict[str, Any]], **kw: Any) -> 
 
 def test_health_and_models(iris: str) -> None:
     assert httpx.get(iris.removesuffix("/v1") + "/health").status_code == 200
-    models = openai.OpenAI(base_url=iris, api_key="x").models.list()
+    models = openai.OpenAI(base_url=iris, api_key=API_KEY).models.list()
     assert [m.id for m in models.data] == [MODEL]
 
 
@@ -133,7 +135,8 @@ def test_prompt_tokens_follow_the_grid_rule(client: openai.OpenAI, w: int, h: in
         model=MODEL, messages=image_msg(data_uri(encode(pattern(56, 56)))), max_tokens=1
     )
     resp = client.chat.completions.create(
-        model=MODEL, messages=image_msg(data_uri(encode(pattern(w, h)))), max_tokens=1
+        model=MODEL, messages=image_msg(data_uri(encode(pattern(w, h), "JPEG"), "image/jpeg")),
+        max_tokens=1,
     )
     assert base.usage and resp.usage
     th, tw = smart_resize(h, w, 28, GEO.min_pixels, GEO.max_pixels)

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import ENGINE_ENV, MODEL_DIR, free_port
-from tests.deployments.test_chat_e2e import MODEL, greedy, image_msg, top_logprobs
+from tests.deployments.test_chat_e2e import API_KEY, MODEL, greedy, image_msg, top_logprobs
 from tests.images import data_uri, encode, pattern
 from tests.reference import VllmReferenceServer
 
@@ -20,7 +20,7 @@ def reference(iris: str) -> Iterator[openai.OpenAI]:
     server = VllmReferenceServer(MODEL_DIR, MODEL, free_port(), ENGINE_ENV)
     try:
         server.wait_ready()
-        yield openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=300)
+        yield openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=300)
     finally:
         server.close()
 
@@ -36,7 +36,7 @@ CASES: dict[str, Any] = {
 def test_top_logprobs_equal_vllm_server(case: str, reference: openai.OpenAI, iris: str) -> None:
     img, fmt, mime = CASES[case]
     url = data_uri(encode(img, fmt), mime)
-    ours = greedy(openai.OpenAI(base_url=iris, api_key="x", max_retries=0, timeout=300),
+    ours = greedy(openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300),
                   image_msg(url))
     theirs = greedy(reference, image_msg(url))
     assert ours.usage and theirs.usage

@@ -1,0 +1,80 @@
+"""What a fetch returns, and how its bytes are judged: media type from the bytes, hash,
+strict data: URIs. Shared by every image source."""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import pybase64
+
+from handlers.cache import ImageCache
+from handlers.errors import ImageError, ImageTooLarge
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    data: bytes
+    media_type: str
+    sha256: str
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """Judge the media type from the bytes, never from a header."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"BM"):
+        return "image/bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image/tiff"
+    return None
+
+
+def finish(data: bytes) -> FetchedImage:
+    media_type = sniff_media_type(data)
+    if media_type is None:
+        raise ImageError("The URL did not return an image (JPEG, PNG, WebP, GIF, BMP or TIFF).")
+    return FetchedImage(data, media_type, hashlib.sha256(data).hexdigest())
+
+
+def too_large(cap: int) -> ImageTooLarge:
+    return ImageTooLarge(f"The image is larger than the {cap}-byte limit.")
+
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)"
+                       r"(?P<b64>;base64)?,", re.IGNORECASE)
+
+
+def decode_data_uri(url: str, max_bytes: int) -> bytes:
+    """Strict base64 `data:` URI decoding with a size cap checked before decoding."""
+    m = _DATA_URI.match(url)
+    if m is None or not m.group("b64"):
+        raise ImageError("A data: image URL must be of the form data:image/<type>;base64,<data>.")
+    payload = url[m.end():]
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise too_large(max_bytes)
+    try:
+        data = pybase64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError("The data: URL is not valid base64.") from exc
+    if len(data) > max_bytes:
+        raise too_large(max_bytes)
+    return data
+
+
+Cache = ImageCache[FetchedImage]
+
+
+class Source(Protocol):
+    """One way of getting an image (a URL scheme); may use the shared cache."""
+
+    async def get(self, url: str, cache: Cache) -> FetchedImage: ...

@@ -1,0 +1,99 @@
+"""Shared test doubles: DNS resolvers, a recording network backend, a counting S3 client."""
+
+from __future__ import annotations
+
+import threading
+import typing
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpcore
+
+
+class FakeResolver:
+    """Maps names to address lists; counts lookups. Unknown names fail like NXDOMAIN."""
+
+    def __init__(self, table: dict[str, list[str] | list[list[str]]]) -> None:
+        # A list of lists answers differently on each lookup (DNS rebinding).
+        self.table = table
+        self.calls: Counter[str] = Counter()
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls[host] += 1
+        answer = self.table.get(host)
+        if answer is None:
+            raise OSError(f"no such host: {host}")
+        if answer and isinstance(answer[0], list):
+            rounds = typing.cast(list[list[str]], answer)
+            return rounds[min(self.calls[host], len(rounds)) - 1]
+        return typing.cast(list[str], answer)
+
+
+class RerouteBackend(httpcore.AsyncNetworkBackend):
+    """Records where the guard dials and sends every connection to one loopback port.
+
+    Stands in for "the internet" so a public address can be used without real traffic.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.dialled: list[tuple[str, int]] = []
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        self.dialled.append((host, port))
+        return await self._inner.connect_tcp("127.0.0.1", self.port, timeout=timeout)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class CountingS3:
+    """Wraps a real boto3 S3 client: counts calls, can fail or rewrite responses on cue.
+
+    fail["get_object"] = [exc, exc] raises those on the next two calls, then passes through.
+    rewrite["head_object"] = fn(response) -> response edits what the caller sees.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.calls: Counter[str] = Counter()
+        self.fail: dict[str, list[BaseException]] = {}
+        self.rewrite: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.calls[name] += 1
+                pending = self.fail.get(name)
+                exc = pending.pop(0) if pending else None
+            if exc is not None:
+                raise exc
+            out = method(*args, **kwargs)
+            fn = self.rewrite.get(name)
+            return fn(out) if fn is not None else out
+
+        return call
+
+
+def client_error(code: str, status: int, operation: str = "GetObject") -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": code},
+         "ResponseMetadata": {"HTTPStatusCode": status}},
+        operation,
+    )
