@@ -10,11 +10,13 @@ export UV_PYTHON := 3.11
 
 setup: $(VENV)/.iris-synced
 
-$(VENV)/.iris-synced: pyproject.toml uv.lock
+$(VENV)/.iris-synced: pyproject.toml uv.lock tests/node/package-lock.json
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
 		{ echo ">> installing uv"; python3 -m pip install --quiet uv; }
 	@echo ">> installing the locked environment into $(VENV) (first run downloads ~3.5 GB)"
 	$(UV) sync --frozen --extra cpu
+	@echo ">> installing the Node contract-test client (tests/node)"
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 	@touch $@
 
 demo-model: setup $(MODEL_DIR)/.complete

@@ -15,7 +15,12 @@ from handlers.config import IrisConfig, load_config
 
 def build_app(args: dict[str, Any] | IrisConfig | None = None) -> Application:
     """Serve app builder; `args` (from a Serve config) override YAML/env settings."""
-    cfg = args if isinstance(args, IrisConfig) else load_config(**(args or {}))
+    if isinstance(args, IrisConfig):
+        cfg = args
+    elif args:
+        cfg = load_config(use_yaml=False, **args)  # inline Serve config: the whole config
+    else:
+        cfg = load_config()
     cfg = cfg.resolved()
     d = cfg.deployments
     fetcher = ImageFetcher.options(**d.fetcher.serve_options()).bind(cfg)

@@ -169,6 +169,12 @@ class ChatIngress:
                 return await self._chat(request, deadline)
         except TimeoutError:
             raise RequestTimeout("The request took longer than the server allows.") from None
+        except IrisError:
+            raise
+        except Exception as exc:
+            # Never let a raw exception reach Starlette/Serve: Serve answers some (like
+            # BackPressureError) itself, outside our envelope.
+            raise to_error(exc) from None
 
     async def _chat(self, request: Request, deadline: float) -> Response:
         body = await self._read_json(request)

@@ -7,11 +7,12 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 
 from deployments.preprocessor import PreparedImage
 from handlers.config import IrisConfig
-from handlers.engine import ChatEngine, Event, VllmChatEngine
+from handlers.engine import ChatEngine, Event, VllmChatEngine, engine_placement
 from handlers.errors import to_error
 
 
@@ -21,6 +22,10 @@ def llm_serve_options(cfg: IrisConfig) -> dict[str, Any]:
     actor = opts.setdefault("ray_actor_options", {})
     # vLLM reads its settings from the environment of the replica process.
     actor["runtime_env"] = {"env_vars": dict(cfg.engine.env)}
+    if "placement_group_bundles" not in opts:
+        opts.update(engine_placement(cfg))
+        if len(opts["placement_group_bundles"]) > 1:
+            actor.pop("num_gpus", None)  # the shards' bundles hold the GPUs
     return opts
 
 
@@ -33,8 +38,11 @@ class LLMServer:
     async def check_health(self) -> None:
         await self._engine.check_health()
 
-    async def stats(self) -> dict[str, int]:
-        return {"unfinished_requests": self._engine.num_unfinished()}
+    async def stats(self) -> dict[str, int | str]:
+        return {
+            "unfinished_requests": self._engine.num_unfinished(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     async def chat(
         self, body: dict[str, Any], images: list[PreparedImage]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,6 +25,14 @@ class PreparedImage:
     tokens: int
 
 
+def _assigned_cpus() -> int:
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:
+        cpus = 1.0
+    return max(1, round(cpus))
+
+
 @serve.deployment(name="ImagePreprocessor")
 class ImagePreprocessor:
     def __init__(self, config: IrisConfig, fetcher: DeploymentHandle) -> None:
@@ -40,8 +47,8 @@ class ImagePreprocessor:
                 max_pixels=self._cfg.max_pixels or geometry.max_pixels,
             )
         self._geometry = geometry
-        # Decoding and resizing release the GIL; one thread per CPU this replica owns.
-        threads = max(1, int(os.environ.get("IRIS_PREPROCESS_THREADS", "0")) or 1)
+        # Decoding and resizing release the GIL: one worker thread per CPU this replica owns.
+        threads = _assigned_cpus()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="iris-prep")
 
     async def prepare(self, url: str, detail: Detail = "auto") -> PreparedImage:

@@ -101,6 +101,12 @@ class DeploymentSettings(_Strict):
     num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica.")
     num_gpus: float | None = Field(None, ge=0, description="GPUs reserved per replica.")
     resources: dict[str, float] | None = Field(None, description="Custom Ray resources.")
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        None, description="Placement group bundles for one replica (first one hosts the actor)."
+    )
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = (
+        Field(None, description="Placement group strategy for the bundles.")
+    )
 
     def serve_options(self) -> dict[str, Any]:
         """Options for `Deployment.options(...)`, only those that are set."""
@@ -122,6 +128,9 @@ class DeploymentSettings(_Strict):
             actor["resources"] = self.resources
         if actor:
             opts["ray_actor_options"] = actor
+        if self.placement_group_bundles:
+            opts["placement_group_bundles"] = self.placement_group_bundles
+            opts["placement_group_strategy"] = self.placement_group_strategy or "PACK"
         return opts
 
 
@@ -234,6 +243,26 @@ def _yaml_path() -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
 
 
-def load_config(**overrides: Any) -> IrisConfig:
-    """Load YAML (IRIS_CONFIG or infra/local.yaml) + env; keyword overrides win."""
-    return IrisConfig(**overrides)
+class _InlineIrisConfig(IrisConfig):
+    """An IrisConfig whose file is the inline args themselves: no YAML merged under them."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+def load_config(*, use_yaml: bool = True, **overrides: Any) -> IrisConfig:
+    """Load YAML (IRIS_CONFIG or infra/local.yaml) + IRIS_* env; keyword overrides win.
+
+    use_yaml=False: the overrides are the whole config (a Serve config's inline `args`);
+    only env vars (e.g. IRIS_API_KEY) are applied on top of the defaults."""
+    if use_yaml:
+        return IrisConfig(**overrides)
+    return _InlineIrisConfig(**overrides)

@@ -54,7 +54,28 @@ def engine_cli_args(cfg: IrisConfig) -> list[str]:
     ]
     if e.enforce_eager:
         args.append("--enforce-eager")
+    if e.tensor_parallel_size * e.pipeline_parallel_size > 1:
+        # Shards run as Ray actors inside the replica's placement group (see engine_placement).
+        args += ["--distributed-executor-backend", "ray"]
     return args
+
+
+def engine_placement(cfg: IrisConfig) -> dict[str, Any]:
+    """Placement group for one engine replica: the replica actor's bundle, then one bundle
+    per model shard (tensor x pipeline parallel). Tensor-parallel shards share a node
+    (STRICT_PACK); pipeline stages may span nodes (PACK). CPU-only configs take the same
+    path with CPU bundles, so tests exercise it."""
+    e, d = cfg.engine, cfg.deployments.llm
+    shards = e.tensor_parallel_size * e.pipeline_parallel_size
+    cpus = d.num_cpus if d.num_cpus is not None else 1.0
+    gpus = d.num_gpus or 0.0
+    if shards == 1:
+        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})}]
+    else:
+        shard = {"CPU": 1.0, **({"GPU": 1.0} if gpus else {})}
+        bundles = [{"CPU": cpus}] + [dict(shard) for _ in range(shards)]
+    strategy = "STRICT_PACK" if e.pipeline_parallel_size == 1 else "PACK"
+    return {"placement_group_bundles": bundles, "placement_group_strategy": strategy}
 
 
 def attach_images(

@@ -65,7 +65,8 @@ def _s3_error(exc: Exception, bucket: str, key: str, version: str | None) -> tup
             return False, ImageNotFound(f"The S3 bucket {bucket!r} does not exist.")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return False, FetchForbidden(
-                f"Access to {where} was denied to this server's AWS credentials."
+                f"Access to {where} was denied (S3 also says this for a missing key when "
+                "the credentials may not list the bucket)."
             )
         if code in ("MethodNotAllowed", "405"):  # the version is a delete marker
             return False, ImageNotFound(f"The S3 object {where} has been deleted.")

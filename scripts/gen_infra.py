@@ -33,7 +33,7 @@ SERVE_YAML = ROOT / "infra" / "serve.yaml"
 RAYSERVICE_YAML = ROOT / "infra" / "kuberay" / "rayservice.yaml"
 IMPORT_PATH = "deployments.app:build_app"
 # Where the project checkout lives on every node: COPY'd into the image (KubeRay) or
-# file_mounted (cluster launcher). IRIS_CONFIG points into it; see docs/deploy.md.
+# file_mounted (cluster launcher); see docs/deploy.md.
 NODE_PROJECT_DIR = "/home/ray/iris"
 # Left out of `args`: secrets never go into manifests; nodes set IRIS_API_KEY instead.
 EXCLUDED_FIELDS = frozenset({"api_key"})
@@ -84,14 +84,6 @@ def app_args(cfg: IrisConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=set(EXCLUDED_FIELDS))
 
 
-def node_config_path(source: Path) -> str:
-    try:
-        rel = source.resolve().relative_to(ROOT)
-    except ValueError:
-        raise ValueError(f"{source} must be inside the project ({ROOT})") from None
-    return f"{NODE_PROJECT_DIR}/{rel.as_posix()}"
-
-
 def serve_config(cfg: IrisConfig, source: Path = SOURCE) -> dict[str, Any]:
     """The Serve config (`serve deploy` schema) for this IrisConfig."""
     return {
@@ -102,9 +94,6 @@ def serve_config(cfg: IrisConfig, source: Path = SOURCE) -> dict[str, Any]:
                 "name": cfg.app_name,
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
-                # build_app still merges the YAML named by IRIS_CONFIG under `args`; naming
-                # the same file keeps infra/local.yaml (editable installs) out of the merge.
-                "runtime_env": {"env_vars": {"IRIS_CONFIG": node_config_path(source)}},
                 "args": app_args(cfg),
             }
         ],
@@ -175,16 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.check:
             drifted += 1
             diff = difflib.unified_diff(
-                have.splitlines(keepends=True), want.splitlines(keepends=True),
-                f"{rel} (on disk)", f"{rel} (generated)",
+                have.splitlines(keepends=True),
+                want.splitlines(keepends=True),
+                f"{rel} (on disk)",
+                f"{rel} (generated)",
             )
             sys.stderr.writelines(diff)
         else:
             path.write_text(want)
             print(f"wrote {rel}")
     if drifted:
-        print(f"{drifted} file(s) out of date: run `python scripts/gen_infra.py`",
-              file=sys.stderr)
+        print(f"{drifted} file(s) out of date: run `python scripts/gen_infra.py`", file=sys.stderr)
         return 1
     return 0
 

@@ -94,7 +94,7 @@ async def test_async_streaming_with_usage(aclient: openai.AsyncOpenAI,
                                           sources: dict[str, str]) -> None:
     stream = await aclient.chat.completions.create(
         model=MODEL, messages=image_msg(sources["data"], sources["http"]), max_tokens=5,
-        stream=True, stream_options={"include_usage": True},
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )
     chunks = [c async for c in stream]
     text_chunks = [c for c in chunks if c.choices]
