@@ -11,7 +11,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from handlers.config import IrisConfig
-from handlers.imaging import Detail, load_geometry, pixel_bounds, prepare_image
+from handlers.imaging import (
+    Detail,
+    configure_threads,
+    load_geometry,
+    pixel_bounds,
+    prepare_image,
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,12 @@ class ImagePreprocessor:
         self._geometry = geometry
         # Decoding and resizing release the GIL: one worker thread per CPU this replica owns.
         threads = _assigned_cpus()
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="iris-prep")
+        # One torch thread per worker: parallelism comes from the workers, not inside a resize.
+        configure_threads(1)
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="iris-prep",
+            initializer=configure_threads, initargs=(1,),
+        )
 
     async def prepare(self, url: str, detail: Detail = "auto") -> PreparedImage:
         fetched = await self._fetcher.fetch.remote(url)
@@ -64,6 +75,7 @@ class ImagePreprocessor:
                 min_pixels=min_px,
                 max_pixels=max_px,
                 fidelity=self._cfg.fidelity,
+                fast_headroom=self._cfg.fast_min_headroom,
                 max_decoded_pixels=self._cfg.max_decoded_pixels,
             ),
         )

@@ -58,7 +58,7 @@ _SWAPS_SIDES = (5, 6, 7, 8)
 # against exact (geometry-aligned resize): photo-like content >= 44 dB from 1.1x, white
 # noise 31 dB at 1.5x / 37 dB at 2x / 41 dB at 2.5x, 2 px text 33 / 36 / 38 dB. 1.5
 # keeps the common case fast (a 12 MP photo to a 1 MP target decodes at 1/2 scale).
-FAST_MIN_HEADROOM = 1.5
+FAST_MIN_HEADROOM = 2.0
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,9 @@ class Plan:
     cold_timeout_s: float = 300.0
 
 
-FULL = Plan(concurrency=8, max_tokens=96, max_load_requests=600, load_timeout_s=420,
+FULL = Plan(concurrency=8, max_tokens=384, max_load_requests=2000, load_timeout_s=420,
             settle_s=20, downscale_delay_s=20, look_back_period_s=10, idle_timeout_s=240)
-SHORT = Plan(concurrency=6, max_tokens=48, max_load_requests=300, load_timeout_s=240,
+SHORT = Plan(concurrency=6, max_tokens=256, max_load_requests=1000, load_timeout_s=240,
              settle_s=5, downscale_delay_s=10, look_back_period_s=5, idle_timeout_s=150)
 
 
@@ -501,10 +501,12 @@ def main(argv: list[str] | None = None) -> int:
                 log("shutdown", f"{step.__name__}: {type(exc).__name__}: {exc}")
         if cluster is not None:
             cluster.shutdown()
-        if ok:
+        good = (ok and out.max_llm_replicas == 2 and len(out.llm_nodes) == 2
+                and tally.failed == 0 and out.scaled_to_zero)
+        if good:
             shutil.rmtree(temp_dir, ignore_errors=True)
         else:
-            log("shutdown", f"logs kept in {temp_dir}")
+            log("shutdown", f"Ray logs kept in {temp_dir}")
         summary = {
             "max_llm_replicas": out.max_llm_replicas,
             "nodes_used": len(out.llm_nodes),
@@ -517,8 +519,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"replicas {out.max_fetcher_replicas}, wall {time.monotonic() - T0:.0f} s"
                     + (f"; errors: {tally.errors}" if tally.errors else ""))
         print(json.dumps(summary), flush=True)
-    good = (out.max_llm_replicas == 2 and len(out.llm_nodes) == 2 and tally.failed == 0
-            and out.scaled_to_zero)
     return 0 if good else 1
 
 

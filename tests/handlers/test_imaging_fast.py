@@ -85,7 +85,7 @@ def test_fast_stays_close_to_exact_on_photo_like_images(
     """Default headroom (1.5x): 39.3-65 dB here, the low end being 1/f 'natural' images
     drafted to 1.6-1.75x the target (a q90 re-encode is further from its source than
     that). With 3x headroom fast never falls below 40 dB."""
-    assert fast_psnr(content, size, detail, FAST_MIN_HEADROOM) > 39
+    assert fast_psnr(content, size, detail, FAST_MIN_HEADROOM) > 40
     assert fast_psnr(content, size, detail, 3.0) > 40
 
 
@@ -116,8 +116,18 @@ def test_fast_really_drafts_big_jpegs(monkeypatch: pytest.MonkeyPatch) -> None:
         return out
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    both(encode(pattern(4032, 3024), "JPEG"))
-    assert sizes == [(2016, 1512)]  # 1/2 scale, still >= 1.5x the 1148x840 target
+    # detail=low: the 4032x3024 photo's target is 504x364; 1/4 scale (1008x756) keeps the
+    # default 2x headroom, 1/8 would not.
+    prepare_image(encode(pattern(4032, 3024), "JPEG"), GEO, min_pixels=GEO.min_pixels,
+                  max_pixels=200704, fidelity="fast")
+    assert sizes == [(1008, 756)]
+
+
+def test_default_headroom_keeps_quality_over_speed() -> None:
+    # 2x by default: a 12 MP photo at high detail (1148x840) decodes in full...
+    assert draft_scale(4032, 3024, 1148, 840) == 1
+    # ...and 4000x3000 to 448x336 (the low-detail case) decodes at 1/4.
+    assert draft_scale(4000, 3000, 448, 336) == 4
 
 
 @pytest.mark.parametrize(("w", "h", "tw", "th", "want"), [
@@ -130,7 +140,7 @@ def test_fast_really_drafts_big_jpegs(monkeypatch: pytest.MonkeyPatch) -> None:
     (4000, 400, 1148, 168, 1),    # ...here the height does not
 ])
 def test_draft_scale_rule(w: int, h: int, tw: int, th: int, want: int) -> None:
-    assert draft_scale(w, h, tw, th) == want
+    assert draft_scale(w, h, tw, th, headroom=1.5) == want
     if want > 1:  # the draft still covers the target in both dimensions
         assert -(-w // want) >= tw and -(-h // want) >= th
 
