@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from ray import serve
 
+from deployments.metrics import metrics, scheme_of
 from handlers.config import IrisConfig
 from handlers.fetch import FetchedImage, Fetcher
 
@@ -13,9 +16,23 @@ class ImageFetcher:
     def __init__(self, config: IrisConfig) -> None:
         # One Fetcher per replica: its cache and single-flight serve every request here.
         self._fetcher = Fetcher(config.fetch)
+        self._seen = {"hits": 0, "misses": 0}
 
     async def fetch(self, url: str) -> FetchedImage:
-        return await self._fetcher.fetch(url)
+        t0 = time.perf_counter()
+        image = await self._fetcher.fetch(url)
+        scheme = scheme_of(url)
+        m = metrics()
+        m.stage("fetch", time.perf_counter() - t0, scheme=scheme)
+        m.fetched_bytes.inc(len(image.data), tags={"scheme": scheme})
+        stats = self._fetcher.stats()
+        for key, result in (("hits", "hit"), ("misses", "miss")):
+            # The cache counts cumulatively; export the change since the last fetch.
+            delta = stats.get(key, 0) - self._seen[key]
+            if delta > 0:
+                m.cache_events.inc(delta, tags={"result": result})
+            self._seen[key] = stats.get(key, 0)
+        return image
 
     async def stats(self) -> dict[str, int]:
         """Cache hits/misses/bytes/entries and single-flight counters."""

@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.metrics import metrics, record_error
 from deployments.preprocessor import PreparedImage
 from handlers.auth import BearerAuth
 from handlers.config import IrisConfig
@@ -51,6 +52,7 @@ app.add_middleware(BearerAuth, keys=lambda: app.state.api_keys)
 
 def error_response(exc: BaseException) -> JSONResponse:
     err = to_error(exc)
+    record_error(err)
     return JSONResponse(err.envelope(), status_code=err.status, headers=err.headers or None)
 
 
@@ -81,10 +83,14 @@ async def _any_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def sse_error(exc: BaseException) -> str:
-    return f"data: {json.dumps(to_error(exc).envelope())}\n\ndata: [DONE]\n\n"
+    err = to_error(exc)
+    record_error(err)
+    return f"data: {json.dumps(err.envelope())}\n\ndata: [DONE]\n\n"
 
 
-async def relay_stream(first: str, gen: Any, deadline: float) -> AsyncIterator[str]:
+async def relay_stream(
+    first: str, gen: Any, deadline: float, started: float
+) -> AsyncIterator[str]:
     """Relay SSE chunks; an error after the first byte becomes an SSE error event."""
     done = False
     try:
@@ -104,6 +110,7 @@ async def relay_stream(first: str, gen: Any, deadline: float) -> AsyncIterator[s
                 break
             yield payload
         done = True
+        metrics().stage("e2e", time.perf_counter() - started, stream="true")
     except Exception as exc:
         yield sse_error(exc)
     finally:
@@ -177,12 +184,17 @@ class ChatIngress:
             raise to_error(exc) from None
 
     async def _chat(self, request: Request, deadline: float) -> Response:
+        started = time.perf_counter()
+        m = metrics()
         body = await self._read_json(request)
         env = parse_envelope(body)
         if env.model != self._model_id:
             raise ModelNotFound(f"The model {env.model!r} does not exist.", param="model")
         refs = extract_images(env.messages, self._cfg.limits.max_images_per_request)
+        m.images_per_request.observe(len(refs))
         images = list(await asyncio.gather(*(self._prepare(r) for r in refs)))
+        if refs:
+            m.stage("images", time.perf_counter() - started)
         total = sum(img.width * img.height for img in images)
         if total > self._cfg.limits.max_total_pixels:
             raise InvalidRequest(
@@ -194,9 +206,11 @@ class ChatIngress:
         # vLLM names the engine request after this; unique even if clients reuse ids.
         body["request_id"] = f"{rid}-{uuid.uuid4().hex[:8]}"
 
+        sent = time.perf_counter()
         gen = self._llm.options(stream=True).chat.remote(body, images)
         try:
             kind, payload = await gen.__anext__()
+            m.stage("queue", time.perf_counter() - sent)
         except StopAsyncIteration:
             raise IrisError("The engine returned nothing.") from None
         except BaseException as exc:
@@ -205,12 +219,14 @@ class ChatIngress:
                 raise to_error(exc) from None
             raise
         if kind == "json":
+            m.stage("e2e", time.perf_counter() - started, stream="false")
             return JSONResponse(payload)
         if kind == "error":
             gen.cancel()
             raise payload
+        m.stage("ttft", time.perf_counter() - started, stream="true")
         return StreamingResponse(
-            relay_stream(payload, gen, deadline),
+            relay_stream(payload, gen, deadline, started),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

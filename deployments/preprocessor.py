@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.metrics import metrics
+from handlers.cache import SingleFlight, SizedLRU
 from handlers.config import IrisConfig
 from handlers.imaging import (
     Detail,
@@ -18,6 +21,7 @@ from handlers.imaging import (
     pixel_bounds,
     prepare_image,
 )
+from handlers.media import FetchedImage, decode_data_uri, finish
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,38 @@ class ImagePreprocessor:
             max_workers=threads, thread_name_prefix="iris-prep",
             initializer=configure_threads, initargs=(1,),
         )
+        self._max_image_bytes = config.fetch.max_image_bytes
+        self._cache: SizedLRU[PreparedImage] = SizedLRU(self._cfg.cache_max_bytes)
+        self._flight = SingleFlight()
 
     async def prepare(self, url: str, detail: Detail = "auto") -> PreparedImage:
-        fetched = await self._fetcher.fetch.remote(url)
+        fetched = await self._fetch(url)
         min_px, max_px = pixel_bounds(
             self._geometry, detail, self._cfg.default_detail, self._cfg.low_detail_max_pixels
         )
+        key = (fetched.sha256, min_px, max_px, self._cfg.fidelity, self._cfg.fast_min_headroom)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        # Concurrent requests for one image share a single decode.
+        return await self._flight.run(key, lambda: self._prepare(fetched, key, min_px, max_px))
+
+    async def _fetch(self, url: str) -> FetchedImage:
+        if url[:5].lower() != "data:":
+            return await self._fetcher.fetch.remote(url)
+        # data: URIs carry their bytes: decoding here (same rules, handlers.media) saves
+        # shipping megabytes to the fetcher and back.
+        t0 = time.perf_counter()
+        fetched = await asyncio.to_thread(
+            lambda: finish(decode_data_uri(url, self._max_image_bytes))
+        )
+        metrics().stage("fetch", time.perf_counter() - t0, scheme="data")
+        return fetched
+
+    async def _prepare(
+        self, fetched: FetchedImage, key: tuple[object, ...], min_px: int, max_px: int
+    ) -> PreparedImage:
+        t0 = time.perf_counter()
         pixels = await asyncio.get_running_loop().run_in_executor(
             self._pool,
             lambda: prepare_image(
@@ -79,12 +109,22 @@ class ImagePreprocessor:
                 max_decoded_pixels=self._cfg.max_decoded_pixels,
             ),
         )
+        m = metrics()
+        m.stage("preprocess", time.perf_counter() - t0)
+        m.pixels.inc(pixels.source_width * pixels.source_height, tags={"direction": "in"})
+        m.pixels.inc(pixels.width * pixels.height, tags={"direction": "out"})
         # The uuid names the exact pixels: same bytes at another size are another item.
         uuid = f"{fetched.sha256[:32]}-{pixels.width}x{pixels.height}"
-        return PreparedImage(
+        prepared = PreparedImage(
             ref=ray.put(pixels.array),
             uuid=uuid,
             width=pixels.width,
             height=pixels.height,
             tokens=self._geometry.tokens_for(pixels.height, pixels.width),
         )
+        # Cached entries keep their object-store pixels alive: a repeat is free.
+        self._cache.put(key, prepared, pixels.array.nbytes)
+        return prepared
+
+    async def stats(self) -> dict[str, int]:
+        return self._cache.stats()

@@ -149,3 +149,40 @@ class SingleFlight:
 
     def __len__(self) -> int:
         return len(self._running)
+
+
+class SizedLRU(Generic[T]):
+    """A plain LRU of values bounded by the sizes the caller gives; max_bytes=0 stores nothing.
+    Used for results derived from content (e.g. resized pixels keyed by hash and size)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._items: OrderedDict[Hashable, tuple[T, int]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> T | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def put(self, key: Hashable, value: T, size: int) -> None:
+        if size > self._max:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._items[key] = (value, size)
+        self._bytes += size
+        while self._bytes > self._max:
+            _, (_, evicted) = self._items.popitem(last=False)
+            self._bytes -= evicted
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "bytes": self._bytes,
+                "entries": len(self._items), "max_bytes": self._max}

@@ -92,6 +92,11 @@ class ImagingSettings(_Strict):
     default_detail: Literal["low", "high"] = Field(
         "high", description="What detail=auto (or no detail) means."
     )
+    cache_max_bytes: int = Field(
+        256 << 20, ge=0,
+        description="Resized pixels kept per preprocessor replica (object store), by content "
+        "hash and target size; a repeated image skips decoding. 0 disables.",
+    )
     max_decoded_pixels: int = Field(
         100_000_000, gt=0, description="Refuse images whose header says more pixels than this."
     )

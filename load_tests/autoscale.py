@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -39,6 +40,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -75,7 +77,7 @@ class Plan:
 
 FULL = Plan(concurrency=8, max_tokens=384, max_load_requests=2000, load_timeout_s=420,
             settle_s=20, downscale_delay_s=20, look_back_period_s=10, idle_timeout_s=240)
-SHORT = Plan(concurrency=6, max_tokens=256, max_load_requests=1000, load_timeout_s=240,
+SHORT = Plan(concurrency=6, max_tokens=256, max_load_requests=1000, load_timeout_s=330,
              settle_s=5, downscale_delay_s=10, look_back_period_s=5, idle_timeout_s=150)
 
 
@@ -115,6 +117,9 @@ def iris_config(plan: Plan, port: int, api_key: str) -> Any:
     local = yaml.safe_load((ROOT / "infra" / "local.yaml").read_text())
     engine = dict(local.get("engine") or {})
     engine["env"] = {"VLLM_CPU_KVCACHE_SPACE": "1", **(engine.get("env") or {})}
+    # One SSE chunk per 8 tokens (the first still comes at once): on 2 shared cores the
+    # per-chunk relaying through Serve otherwise starves the second engine's start-up.
+    engine["extra_args"] = {"stream_interval": 8, **(engine.get("extra_args") or {})}
     on_cpu_node = {CPU_NODE_RESOURCE: 0.01}
     common = {"upscale_delay_s": 2, "downscale_delay_s": plan.downscale_delay_s,
               "look_back_period_s": plan.look_back_period_s, "metrics_interval_s": 1}
@@ -147,19 +152,38 @@ def iris_config(plan: Plan, port: int, api_key: str) -> Any:
 # --------------------------------------------------------------------------- cluster
 
 
+@contextlib.contextmanager
+def no_address_file() -> Iterator[None]:
+    """Keep `Cluster` away from /tmp/ray/ray_current_cluster: it writes its address there
+    (so any other `ray.init()` on this machine would join *this* cluster) and deletes the
+    file on shutdown (even if another cluster wrote it)."""
+    import ray._common.utils
+    import ray._private.utils
+
+    saved = ray._private.utils.write_ray_address, ray._common.utils.reset_ray_address
+    ray._private.utils.write_ray_address = lambda *a, **k: None
+    ray._common.utils.reset_ray_address = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        ray._private.utils.write_ray_address, ray._common.utils.reset_ray_address = saved
+
+
 def start_cluster(temp_dir: str) -> Any:
-    """Head (CPU only, hosts the CPU deployments) + two 1-GPU workers, own temp dir and
-    ports, so it co-exists with any other Ray instance on this machine."""
+    """Head (CPU only, hosts the CPU deployments) + two 1-GPU workers, with their own temp
+    dir, random ports, no dashboard and no address file, so the cluster co-exists with
+    any other Ray instance on this machine."""
     from ray.cluster_utils import Cluster
 
     common = {"temp_dir": temp_dir, "include_dashboard": False,
               "dashboard_agent_listen_port": None}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        **common, "num_cpus": 4, "resources": {CPU_NODE_RESOURCE: 100},
-        "object_store_memory": 300 << 20,
-    })
-    for _ in range(2):
-        cluster.add_node(**common, num_cpus=2, num_gpus=1, object_store_memory=200 << 20)
+    with no_address_file():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            **common, "num_cpus": 4, "resources": {CPU_NODE_RESOURCE: 100},
+            "object_store_memory": 300 << 20,
+        })
+        for _ in range(2):
+            cluster.add_node(**common, num_cpus=2, num_gpus=1, object_store_memory=200 << 20)
     cluster.wait_for_nodes()
     return cluster
 
@@ -450,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = SHORT if args.short else FULL
     signal.signal(signal.SIGTERM, _terminate)
+    os.environ.pop("RAY_ADDRESS", None)  # this script starts and uses its own cluster
 
     import ray
     from ray import serve
@@ -500,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 log("shutdown", f"{step.__name__}: {type(exc).__name__}: {exc}")
         if cluster is not None:
-            cluster.shutdown()
+            with no_address_file():
+                cluster.shutdown()
         good = (ok and out.max_llm_replicas == 2 and len(out.llm_nodes) == 2
                 and tally.failed == 0 and out.scaled_to_zero)
         if good:

@@ -77,8 +77,10 @@ def iris(iris_config, s3: S3Server) -> Iterator[str]:  # type: ignore[no-untyped
     env = {**s3.env, "PYTHONPATH": str(ROOT)}
     # Replicas read AWS settings from their environment, as in production.
     os.environ.update(s3.env)
+    metrics_port = free_port()
+    os.environ["IRIS_TEST_METRICS_PORT"] = str(metrics_port)
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False)
+             log_to_driver=False, _metrics_export_port=metrics_port)
     t0 = time.monotonic()
     start(iris_config)
     print(f"\n[iris] app ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)

@@ -129,3 +129,18 @@ async def test_single_flight_shares_errors_and_survives_a_caller_leaving() -> No
 )
 def test_http_cache_ttl(header: str, ttl: float) -> None:
     assert http_cache_ttl(header, 60.0) == ttl
+
+
+def test_sized_lru_evicts_least_recent_by_size() -> None:
+    from handlers.cache import SizedLRU
+
+    lru: SizedLRU[str] = SizedLRU(10)
+    lru.put("a", "A", 4)
+    lru.put("b", "B", 4)
+    assert lru.get("a") == "A"  # a is now the most recent
+    lru.put("c", "C", 4)  # 12 > 10: evicts b, the least recent
+    assert lru.get("b") is None and lru.get("a") == "A" and lru.get("c") == "C"
+    lru.put("huge", "H", 11)  # larger than the whole cache: not stored
+    assert lru.get("huge") is None
+    assert lru.stats()["bytes"] == 8 and lru.stats()["hits"] == 3
+    assert SizedLRU[str](0).get("x") is None

@@ -1,0 +1,219 @@
+"""Side by side on one machine and one model: vLLM's own OpenAI server, Ray Serve LLM, Iris.
+
+Starts each server in turn (never two at once), runs the same workloads against each, and
+writes a Markdown table and PNG plots under the results folder.
+
+    .venv/bin/python -m load_tests.compare [--targets vllm,rayllm,iris] [--requests 40]
+        [--concurrency 4] [--max-tokens 8] [--iris-env IRIS_IMAGING__FIDELITY=fast]
+
+The peers cannot read s3://, so every workload sends images as data: URIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from load_tests.workload import Result, Workload, run_workload
+from tests.images import data_uri, encode, natural
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / ".models" / "demo-vlm"
+MODEL_ID = "demo-vlm"
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, log: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IRIS_")}
+        env.update(ENGINE_ENV)
+        env.update(self.env)
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 900) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"{self.name} was not ready after {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # SIGINT first: the Ray-based servers shut Serve and Ray down on it.
+        for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
+        self._log.close()
+
+
+def servers(targets: list[str], iris_env: dict[str, str]) -> list[Server]:
+    py = sys.executable
+    made = {
+        "vllm": lambda p: Server("vllm", [
+            py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
+            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(p),
+            "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager",
+            "--max-num-seqs", "16", "--disable-log-stats"], p),
+        "rayllm": lambda p: Server("rayllm", [
+            py, "-m", "load_tests.peers.rayllm_app", "--model", str(MODEL_DIR),
+            "--model-id", MODEL_ID, "--port", str(p)], p),
+        "iris": lambda p: Server("iris", [py, "-m", "deployments.run"], p,
+                                 {"IRIS_HTTP__PORT": str(p), **iris_env}),
+    }
+    return [made[t](free_port()) for t in targets]
+
+
+def workloads(requests: int, concurrency: int, max_tokens: int) -> list[Workload]:
+    print(">> making test images (640x480 and 4000x3000 JPEG)", flush=True)
+    small = data_uri(encode(natural(640, 480, seed=1), "JPEG", quality=90), "image/jpeg")
+    large = data_uri(encode(natural(4000, 3000, seed=2), "JPEG", quality=90), "image/jpeg")
+    return [
+        Workload("small-jpeg-data-uri", (small,), concurrency, requests, max_tokens),
+        Workload("large-jpeg-data-uri", (large,), concurrency, requests, max_tokens),
+        Workload("small-jpeg-data-uri-c1", (small,), 1, max(10, requests // 4), max_tokens),
+        Workload("large-jpeg-data-uri-c1", (large,), 1, max(10, requests // 4), max_tokens),
+    ]
+
+
+def markdown(results: list[Result], targets: list[str]) -> str:
+    by = {(r.workload, r.target): r.summary() for r in results}
+    names = list(dict.fromkeys(r.workload for r in results))
+    lines = ["| workload | " + " | ".join(targets) + " | iris / vllm req/s |",
+             "|---|" + "---|" * (len(targets) + 1)]
+    for w in names:
+        cells = []
+        for t in targets:
+            s = by.get((w, t))
+            cells.append("n/a" if s is None else
+                         f"{s['req_per_s']} req/s, TTFT p50 {s['ttft_p50_ms']} ms, "
+                         f"p99 {s['ttft_p99_ms']} ms" + (f", {s['errors']} errors"
+                                                         if s["errors"] else ""))
+        ratio = ""
+        if (w, "iris") in by and (w, "vllm") in by and by[(w, "vllm")]["req_per_s"]:
+            ratio = f"{by[(w, 'iris')]['req_per_s'] / by[(w, 'vllm')]['req_per_s']:.2f}x"
+        lines.append(f"| {w} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], targets: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r.workload for r in results))
+    by = {(r.workload, r.target): r.summary() for r in results}
+    files = []
+    for metric, label in (("req_per_s", "throughput (req/s)"), ("ttft_p50_ms", "TTFT p50 (ms)"),
+                          ("ttft_p99_ms", "TTFT p99 (ms)")):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / max(1, len(targets))
+        for i, t in enumerate(targets):
+            vals = [by.get((w, t), {}).get(metric, 0) or 0 for w in names]
+            ax.bar([j + i * width for j in range(len(names))], vals, width, label=t)
+        ax.set_xticks([j + width * (len(targets) - 1) / 2 for j in range(len(names))])
+        ax.set_xticklabels(names, rotation=15, fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"{metric}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--targets", default="vllm,rayllm,iris")
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=4, help="requests per workload, not measured")
+    p.add_argument("--iris-env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    iris_env = dict(kv.split("=", 1) for kv in args.iris_env)
+    out = args.out or ROOT / "load_tests" / "results" / time.strftime("compare-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    loads = workloads(args.requests, args.concurrency, args.max_tokens)
+    results: list[Result] = []
+    for server in servers(targets, iris_env):
+        print(f">> [{server.name}] starting on port {server.port} (log: {out}/{server.name}.log)",
+              flush=True)
+        server.start(out / f"{server.name}.log")
+        try:
+            print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
+            for w in loads:
+                warm = Workload(w.name, w.image_urls, w.concurrency, args.warmup, w.max_tokens)
+                asyncio.run(run_workload(server.base_url, MODEL_ID, warm, server.name))
+                r = asyncio.run(run_workload(server.base_url, MODEL_ID, w, server.name))
+                results.append(r)
+                print(f">> [{server.name}] {json.dumps(r.summary())}", flush=True)
+                for e in r.errors[:3]:
+                    print(f"   error: {e}", flush=True)
+        except Exception as exc:
+            print(f">> [{server.name}] failed: {exc}", flush=True)
+        finally:
+            print(f">> [{server.name}] stopping", flush=True)
+            server.stop()
+    table = markdown(results, targets)
+    note = (f"Same machine, model {MODEL_ID}, concurrency {args.concurrency} (and 1 for -c1), "
+            f"{args.requests} requests, {args.max_tokens} output tokens (ignore_eos), the same "
+            f"image every request, sent as a data: URI. Iris env: {iris_env or 'defaults'}.\n\n")
+    (out / "results.md").write_text("# Iris vs vLLM vs Ray Serve LLM\n\n" + note + table)
+    (out / "results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
+    plots = plot(results, targets, out)
+    print("\n" + table, flush=True)
+    print(f">> wrote {out / 'results.md'} and {', '.join(p.name for p in plots)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Prometheus metrics reach Ray's metrics endpoint with the stages a request went through."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import httpx
+
+from tests.deployments.test_api_contract import SMALL_PNG, assert_envelope, good_body, post_chat
+from tests.deployments.test_chat_e2e import image_msg
+
+
+def scrape() -> str:
+    port = os.environ["IRIS_TEST_METRICS_PORT"]
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def stage_count(text: str, stage: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("ray_iris_stage_seconds_count{") and f'stage="{stage}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_stage_latency_errors_and_cache_metrics(iris: str) -> None:
+    before = scrape()
+    body = good_body(messages=image_msg(SMALL_PNG))
+    for _ in range(3):
+        assert post_chat(iris, body).status_code == 200
+    assert_envelope(post_chat(iris, good_body(model="nope")), 404)
+    want = ["fetch", "preprocess", "images", "queue", "e2e"]
+    deadline = time.monotonic() + 60  # Ray's agents export every few seconds
+    while time.monotonic() < deadline:
+        text = scrape()
+        if all(stage_count(text, s) >= stage_count(before, s) + 3 for s in want) and \
+                re.search(r'ray_iris_errors_total\{[^}]*status="404"', text):
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError("metrics did not show up:\n" + "\n".join(
+            ln for ln in text.splitlines() if "iris_" in ln)[:3000])
+    assert re.search(r'ray_iris_fetched_bytes_total\{[^}]*scheme="data"', text)
+    assert re.search(r'ray_iris_pixels_total\{[^}]*direction="out"', text)
+    assert "ray_iris_images_per_request_bucket" in text
