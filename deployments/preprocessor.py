@@ -90,7 +90,9 @@ class ImagePreprocessor:
         fetched = await asyncio.to_thread(
             lambda: finish(decode_data_uri(url, self._max_image_bytes))
         )
-        metrics().stage("fetch", time.perf_counter() - t0, scheme="data")
+        m = metrics()
+        m.stage("fetch", time.perf_counter() - t0, scheme="data")
+        m.fetched_bytes.inc(len(fetched.data), tags={"scheme": "data"})
         return fetched
 
     async def _prepare(

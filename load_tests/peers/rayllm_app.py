@@ -127,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         if starting:  # interrupt ray.init / serve.run, which block during start-up
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def install_handlers() -> None:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    install_handlers()
 
     import ray
     from ray import serve
@@ -137,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         start_ray(args.num_cpus)
+        # ray.init installs Ray's own C-level SIGTERM handler in the driver (dump a stack
+        # trace, then die), which would skip the shutdown below and orphan Ray's agents.
+        install_handlers()
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_openai_app({
             "llm_configs": [make_llm_config(
