@@ -272,20 +272,16 @@ def build(out: Path) -> None:
     print(f"      vocab={vocab_size} (bpe={backend.get_vocab_size(False)}) specials={ids}")
 
     print("[2/4] building processor (image + video) with Qwen2-VL-Instruct chat template")
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        patch_size=PATCH_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        merge_size=MERGE_SIZE,
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        patch_size=PATCH_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        merge_size=MERGE_SIZE,
-    )
+    # Images and videos share one patch geometry.
+    geometry = {
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+    }
+    image_processor = Qwen2VLImageProcessor(**geometry)
+    video_processor = Qwen2VLVideoProcessor(**geometry)
     processor = Qwen2VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
