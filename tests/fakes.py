@@ -97,3 +97,32 @@ def client_error(code: str, status: int, operation: str = "GetObject") -> Except
          "ResponseMetadata": {"HTTPStatusCode": status}},
         operation,
     )
+
+
+class FakeStream:
+    """Stands in for a Serve streaming DeploymentResponseGenerator of (kind, payload) events:
+    yields the given events, then raises `fail` (if any) or hangs forever (`hang=True`)."""
+
+    def __init__(self, events: list[tuple[str, Any]], fail: BaseException | None = None,
+                 hang: bool = False) -> None:
+        self._events = list(events)
+        self._fail = fail
+        self._hang = hang
+        self.cancelled = False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> tuple[str, Any]:
+        import asyncio
+
+        if self._events:
+            return self._events.pop(0)
+        if self._fail is not None:
+            raise self._fail
+        if self._hang:
+            await asyncio.Event().wait()
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
