@@ -46,6 +46,8 @@ class Server:
     command: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    # Iris answers /v1/models before its engine has loaded; /ready waits for the engine.
+    ready_path: str = "/v1/models"
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -67,7 +69,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
             try:
-                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
+                url = f"http://127.0.0.1:{self.port}{self.ready_path}"
+                if httpx.get(url, timeout=5).status_code == 200:
                     return time.monotonic() - t0
             except httpx.HTTPError:
                 pass
@@ -102,7 +105,7 @@ def servers(targets: list[str], iris_env: dict[str, str]) -> list[Server]:
             py, "-m", "load_tests.peers.rayllm_app", "--model", str(MODEL_DIR),
             "--model-id", MODEL_ID, "--port", str(p)], p),
         "iris": lambda p: Server("iris", [py, "-m", "deployments.run"], p,
-                                 {"IRIS_HTTP__PORT": str(p), **iris_env}),
+                                 {"IRIS_HTTP__PORT": str(p), **iris_env}, "/ready"),
     }
     return [made[t](free_port()) for t in targets]
 

@@ -33,7 +33,8 @@ def replica_processes() -> dict[str, psutil.Process]:
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info.get("cmdline") or [])
         if cmd.startswith("ray::ServeReplica:"):
-            name = cmd.split()[0].removeprefix("ray::ServeReplica:")
+            # The title also names the method running right now; keep the deployment.
+            name = cmd.split()[0].removeprefix("ray::ServeReplica:").split(".")[0]
             out[f"{name}#{proc.pid}"] = proc
     return out
 
@@ -104,6 +105,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--base-url", default=None)
     p.add_argument("--sample-every", type=float, default=2.0)
+    p.add_argument("--iris-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="config for the Iris this starts, e.g. "
+                   "IRIS_IMAGING__CACHE_MAX_BYTES=33554432 so caches fill early in the run")
     p.add_argument("--max-growth-mb", type=float, default=64.0,
                    help="allowed RSS growth of a replica over the second half of the run")
     args = p.parse_args()
@@ -113,7 +117,7 @@ def main() -> int:
     server: Server | None = None
     base_url = args.base_url
     if base_url is None:
-        server = servers(["iris"], {})[0]
+        server = servers(["iris"], dict(kv.split("=", 1) for kv in args.iris_env))[0]
         server.port = free_port()
         server.env["IRIS_HTTP__PORT"] = str(server.port)
         print(f">> starting Iris on port {server.port}", flush=True)
