@@ -105,9 +105,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--base-url", default=None)
     p.add_argument("--sample-every", type=float, default=2.0)
-    p.add_argument("--iris-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="config for the Iris this starts, e.g. "
-                   "IRIS_IMAGING__CACHE_MAX_BYTES=33554432 so caches fill early in the run")
+    p.add_argument("--iris-env", action="append", default=None, metavar="KEY=VALUE",
+                   help="config for the Iris this starts (default: both caches at 32 MiB, "
+                   "so they fill early and a leak is not mistaken for a filling cache)")
     p.add_argument("--max-growth-mb", type=float, default=64.0,
                    help="allowed RSS growth of a replica over the second half of the run")
     args = p.parse_args()
@@ -117,7 +117,9 @@ def main() -> int:
     server: Server | None = None
     base_url = args.base_url
     if base_url is None:
-        server = servers(["iris"], dict(kv.split("=", 1) for kv in args.iris_env))[0]
+        env = args.iris_env or ["IRIS_IMAGING__CACHE_MAX_BYTES=33554432",
+                                "IRIS_FETCH__CACHE_MAX_BYTES=33554432"]
+        server = servers(["iris"], dict(kv.split("=", 1) for kv in env))[0]
         server.port = free_port()
         server.env["IRIS_HTTP__PORT"] = str(server.port)
         print(f">> starting Iris on port {server.port}", flush=True)
