@@ -6,6 +6,7 @@ module globals defined after it are not there in the replica."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.metrics import metrics, record_error
 from deployments.preprocessor import PreparedImage
 from handlers.auth import BearerAuth
+from handlers.cache import SizedLRU
 from handlers.config import IrisConfig
 from handlers.errors import (
     InvalidRequest,
@@ -118,6 +120,15 @@ async def relay_stream(
             gen.cancel()  # client went away or we failed: stop the engine request too
 
 
+async def data_uri_key(url: str, detail: str) -> tuple[str, str]:
+    """A data: URI is its own content: its hash names the prepared pixels for good."""
+    if len(url) > 1 << 20:  # hashing megabytes would stall the event loop
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(url.encode()).hexdigest())
+    else:
+        digest = hashlib.sha256(url.encode()).hexdigest()
+    return digest, detail
+
+
 def _request_id() -> str:
     """Serve's request id (the client's x-request-id, or one Serve generated)."""
     try:
@@ -139,6 +150,9 @@ class ChatIngress:
         self._prep = preprocessor
         self._llm = llm
         self._created = int(time.time())
+        # Prepared-pixel refs of recent data: URIs. A repeat skips the preprocessor round
+        # trip (~20 ms on 2 cores); holding the ref keeps the pixels in the object store.
+        self._recent: SizedLRU[PreparedImage] = SizedLRU(config.imaging.cache_max_bytes)
         app.state.api_keys = (
             [k.get_secret_value().encode() for k in config.api_key] if config.api_key else None
         )
@@ -232,8 +246,17 @@ class ChatIngress:
         )
 
     async def _prepare(self, ref: ImageRef) -> PreparedImage:
+        key = None
+        if ref.url[:5].lower() == "data:":
+            key = await data_uri_key(ref.url, ref.detail)
+            hit = self._recent.get(key)
+            if hit is not None:
+                return hit
         try:
-            return await self._prep.prepare.remote(ref.url, ref.detail)
+            prepared: PreparedImage = await self._prep.prepare.remote(ref.url, ref.detail)
+            if key is not None:
+                self._recent.put(key, prepared, prepared.width * prepared.height * 3)
+            return prepared
         except Exception as exc:
             err = to_error(exc)
             if err.status < 500 and not err.param:

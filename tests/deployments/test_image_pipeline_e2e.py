@@ -35,15 +35,28 @@ async def test_concurrent_requests_for_one_new_url_fetch_it_once(
     assert image_server.hits["/single-flight.png"] == 1
 
 
-def test_repeated_image_is_preprocessed_once(iris: str, iris_config) -> None:  # type: ignore[no-untyped-def]
+def test_repeated_image_is_preprocessed_once(iris: str, iris_config, image_server) -> None:  # type: ignore[no-untyped-def]
     client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
-    url = data_uri(encode(pattern(900, 700, seed=78), "JPEG"), "image/jpeg")
+    url = image_server.add_bytes("/repeat.jpg", encode(pattern(900, 700, seed=78), "JPEG"),
+                                 "image/jpeg")
     before = prep_stats(iris_config.app_name)
     first = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
     second = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
     after = prep_stats(iris_config.app_name)
     assert after["misses"] - before["misses"] == 1
     assert after["hits"] - before["hits"] == 1
+    assert first.usage and second.usage
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens
+
+
+def test_repeated_data_uri_skips_the_preprocessor(iris: str, iris_config) -> None:  # type: ignore[no-untyped-def]
+    client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
+    url = data_uri(encode(pattern(700, 500, seed=80), "JPEG"), "image/jpeg")
+    first = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
+    before = prep_stats(iris_config.app_name)
+    second = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
+    after = prep_stats(iris_config.app_name)
+    assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
     assert first.usage and second.usage
     assert first.usage.prompt_tokens == second.usage.prompt_tokens
 
