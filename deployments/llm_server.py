@@ -54,8 +54,6 @@ class LLMServer:
             pairs = [(arr, img.uuid) for arr, img in zip(arrays, images, strict=True)]
             async for event in self._engine.chat(body, pairs):
                 yield event
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # CancelledError is not an Exception: cancels propagate
             yield "error", to_error(exc)
 

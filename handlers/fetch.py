@@ -45,7 +45,6 @@ __all__ = [
 
 MAX_REDIRECTS = 5
 HTTP_CACHE_TTL_S = 60.0
-_CHUNK = 64 << 10
 
 
 class HttpSource:

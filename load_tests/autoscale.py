@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -50,6 +49,9 @@ import httpx
 import numpy as np
 import yaml
 from PIL import Image
+
+from load_tests.workload import chat_body
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "iris-autoscale"
@@ -99,12 +101,6 @@ T0 = time.monotonic()
 
 def log(phase: str, msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {phase}: {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- config
@@ -224,19 +220,6 @@ def make_images(n: int = 4, side: int = 448) -> list[str]:
         Image.fromarray(arr, "RGB").save(buf, format="PNG")
         uris.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
     return uris
-
-
-def chat_body(model: str, image: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image}},
-            {"type": "text", "text": "Describe this picture."},
-        ]}],
-        "max_tokens": max_tokens,
-        "stream": True,
-        "ignore_eos": True,  # the demo model then generates exactly max_tokens tokens
-    }
 
 
 @dataclass

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,17 +26,12 @@ import httpx
 
 from load_tests.workload import Result, Workload, run_workload
 from tests.images import data_uri, encode, natural
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".models" / "demo-vlm"
 MODEL_ID = "demo-vlm"
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -5,7 +5,6 @@ The Serve app (and its vLLM engine) starts once per test session."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ImageServer, S3Server
+from tests.servers import ImageServer, S3Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".models" / "demo-vlm"
@@ -24,12 +23,6 @@ API_KEYS = ["iris-test-key", "iris-second-key"]
 LLM_MAX_ONGOING = 4
 LLM_MAX_QUEUED = 4
 MAX_BODY_BYTES = 8 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

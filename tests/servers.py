@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import socket
 import ssl
 import threading
 import time
@@ -13,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for servers the tests and load tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class ImageServer:
