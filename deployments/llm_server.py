@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import logging.handlers
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import ray
@@ -29,11 +32,29 @@ def llm_serve_options(cfg: IrisConfig) -> dict[str, Any]:
     return opts
 
 
+@contextlib.contextmanager
+def keep_serve_log_handlers(name: str = "ray.serve") -> Iterator[None]:
+    """vLLM configures logging with `dictConfig`, which closes every existing handler.
+    Serve's replica logger writes through a MemoryHandler whose target a close drops:
+    its records (with their request ids) would then pile up in memory, never written.
+    Reattach the targets afterwards."""
+    serve_logger = logging.getLogger(name)
+    targets = [(h, h.target) for h in serve_logger.handlers
+               if isinstance(h, logging.handlers.MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in targets:
+            if handler.target is None and target is not None:
+                handler.setTarget(target)  # a closed FileHandler reopens on its next write
+
+
 @serve.deployment(name="LLMServer")
 class LLMServer:
     async def __init__(self, config: IrisConfig) -> None:
         os.environ.update(config.engine.env)
-        self._engine: ChatEngine = await VllmChatEngine.start(config)
+        with keep_serve_log_handlers():
+            self._engine: ChatEngine = await VllmChatEngine.start(config)
 
     async def check_health(self) -> None:
         await self._engine.check_health()

@@ -19,7 +19,8 @@ from handlers.config import IrisConfig
 from handlers.errors import InvalidRequest, IrisError, error_from_openai_payload, to_error
 from handlers.protocol import validation_message
 
-logger = logging.getLogger("iris.engine")
+# A child of Serve's logger: in a replica, its lines go to the replica log with the request id.
+logger = logging.getLogger("ray.serve.iris.engine")
 
 Kind = Literal["json", "sse", "error"]
 Event = tuple[Kind, Any]

@@ -6,7 +6,8 @@ import logging
 import re
 from typing import Any
 
-logger = logging.getLogger("iris.errors")
+# A child of Serve's logger: in a replica, its lines go to the replica log with the request id.
+logger = logging.getLogger("ray.serve.iris.errors")
 
 
 class IrisError(Exception):
