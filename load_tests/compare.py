@@ -21,9 +21,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from load_tests.cpu import CpuMeter
 from load_tests.workload import Result, Workload, run_workload
 from tests.images import data_uri, encode, natural
 from tests.servers import free_port
@@ -136,6 +138,17 @@ def markdown(results: list[Result], targets: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_markdown(cpu: list[dict[str, Any]]) -> str:
+    """Per-process CPU ms per request: where each server's time goes."""
+    lines = ["| workload | server | total CPU ms/request | by process (ms/request) |",
+             "|---|---|---|---|"]
+    for row in cpu:
+        top = ", ".join(f"{k} {v}" for k, v in list(row["cpu_ms"].items())[:7])
+        lines.append(f"| {row['workload']} | {row['target']} | "
+                     f"{round(sum(row['cpu_ms'].values()), 1)} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[Result], targets: list[str], out: Path) -> list[Path]:
     import matplotlib
 
@@ -181,6 +194,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     loads = workloads(args.requests, args.concurrency, args.max_tokens)
     results: list[Result] = []
+    cpu: list[dict[str, Any]] = []
     for server in servers(targets, iris_env):
         print(f">> [{server.name}] starting on port {server.port} (log: {out}/{server.name}.log)",
               flush=True)
@@ -190,9 +204,16 @@ def main() -> int:
             for w in loads:
                 warm = Workload(w.name, w.image_urls, w.concurrency, args.warmup, w.max_tokens)
                 asyncio.run(run_workload(server.base_url, MODEL_ID, warm, server.name))
+                assert server.proc is not None
+                meter = CpuMeter(server.proc.pid)
+                before = meter.snapshot()
                 r = asyncio.run(run_workload(server.base_url, MODEL_ID, w, server.name))
+                used = CpuMeter.per_request_ms(before, meter.snapshot(), w.requests)
                 results.append(r)
+                cpu.append({"workload": w.name, "target": server.name, "cpu_ms": used})
                 print(f">> [{server.name}] {json.dumps(r.summary())}", flush=True)
+                print(f"   CPU ms/request: {json.dumps(dict(list(used.items())[:7]))}",
+                      flush=True)
                 for e in r.errors[:3]:
                     print(f"   error: {e}", flush=True)
         except Exception as exc:
@@ -204,8 +225,13 @@ def main() -> int:
     note = (f"Same machine, model {MODEL_ID}, concurrency {args.concurrency} (and 1 for -c1), "
             f"{args.requests} requests, {args.max_tokens} output tokens (ignore_eos), the same "
             f"image every request, sent as a data: URI. Iris env: {iris_env or 'defaults'}.\n\n")
-    (out / "results.md").write_text("# Iris vs vLLM vs Ray Serve LLM\n\n" + note + table)
-    (out / "results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
+    cpu_note = ("\n## Where the CPU goes\n\nCPU time of each server's processes during "
+                "the measured requests, per request. vLLM's model worker busy-polls for work, "
+                "so its figure includes spinning and grows into whatever CPU is idle.\n\n")
+    (out / "results.md").write_text("# Iris vs vLLM vs Ray Serve LLM\n\n" + note + table
+                                    + cpu_note + cpu_markdown(cpu))
+    (out / "results.json").write_text(json.dumps(
+        {"results": [r.summary() for r in results], "cpu_ms_per_request": cpu}, indent=2))
     plots = plot(results, targets, out)
     print("\n" + table, flush=True)
     print(f">> wrote {out / 'results.md'} and {', '.join(p.name for p in plots)}", flush=True)

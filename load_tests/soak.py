@@ -22,6 +22,7 @@ import httpx
 import psutil
 
 from load_tests.compare import ROOT, Server, free_port, servers
+from load_tests.cpu import process_label
 from load_tests.workload import Result, one_request
 from load_tests.workload import chat_body as body_for
 from tests.images import data_uri, encode, pattern
@@ -31,11 +32,9 @@ def replica_processes() -> dict[str, psutil.Process]:
     """Ray names replica worker processes `ray::ServeReplica:<app>:<deployment>`."""
     out: dict[str, psutil.Process] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if cmd.startswith("ray::ServeReplica:"):
-            # The title also names the method running right now; keep the deployment.
-            name = cmd.split()[0].removeprefix("ray::ServeReplica:").split(".")[0]
-            out[f"{name}#{proc.pid}"] = proc
+        cmdline = proc.info.get("cmdline") or []
+        if cmdline and cmdline[0].startswith("ray::ServeReplica:"):
+            out[f"{process_label(cmdline, '')}#{proc.pid}"] = proc
     return out
 
 
