@@ -72,6 +72,10 @@ class FetchSettings(_Strict):
         default_factory=list, description='S3 buckets images may come from; ["*"] allows all.'
     )
     cache_max_bytes: int = Field(256 << 20, ge=0, description="Fetcher LRU cache size in bytes.")
+    ca_bundle: str | None = Field(
+        None, description="PEM file of CAs to trust for https images (e.g. an internal CA) "
+        "instead of the public ones; the environment's SSL_CERT_FILE is deliberately ignored.",
+    )
 
 
 class ImagingSettings(_Strict):

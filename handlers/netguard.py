@@ -240,7 +240,8 @@ def guarded_transport(
     network_backend: httpcore.AsyncNetworkBackend | None = None,
 ) -> httpx.AsyncHTTPTransport:
     """An httpx transport whose every new connection goes through GuardedBackend."""
-    ctx = ssl_context or httpx.create_ssl_context(trust_env=False)
+    ctx = ssl_context or (ssl.create_default_context(cafile=settings.ca_bundle)
+                          if settings.ca_bundle else httpx.create_ssl_context(trust_env=False))
     transport = httpx.AsyncHTTPTransport(verify=ctx, trust_env=False)
     # httpx 0.28 has no public hook for httpcore's network backend; swap in a pool that
     # uses ours (tests prove the guard is on the path by resolving names to loopback).

@@ -229,3 +229,23 @@ async def test_https_keeps_sni_and_certificate_hostname(tmp_path) -> None:  # ty
                 await f.fetch(f"https://127.0.0.1:{server.port}/tls.png")
     finally:
         server.close()
+
+
+async def test_ca_bundle_trusts_an_internal_ca_and_only_then(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.servers import self_signed_tls
+
+    server_ctx, _ = self_signed_tls("images.internal.test", tmp_path)
+    server = ImageServer(tls=server_ctx)
+    try:
+        server.add_bytes("/ca.png", PNG)
+        resolver = FakeResolver({"images.internal.test": ["127.0.0.1"]})
+        url = f"https://images.internal.test:{server.port}/ca.png"
+        public = FetchSettings(allow_private_networks=True)
+        async with Fetcher(public, {"http": HttpSource(public, resolver)}) as f:
+            with pytest.raises(ImageError):  # not signed by a public CA
+                await f.fetch(url)
+        internal = FetchSettings(allow_private_networks=True, ca_bundle=str(tmp_path / "cert.pem"))
+        async with Fetcher(internal, {"http": HttpSource(internal, resolver)}) as f:
+            assert (await f.fetch(url)).data == PNG
+    finally:
+        server.close()
