@@ -10,7 +10,11 @@ Environment:
                               started with `moto_server -H 127.0.0.1 -p 5000` and Iris started
                               with AWS_ENDPOINT_URL=http://127.0.0.1:5000); images are uploaded
                               there at start and s3:// URLs join the mix. Unset: no s3.
-The http:// images come from a loopback server this file starts; the server under test
+    IRIS_LOCUST_TLS_DIR       a folder holding a self-signed CA for 127.0.0.1 (made with
+                              `python -m load_tests.locustfile DIR`); https:// URLs from a
+                              second loopback server join the mix. Start the server under test
+                              with IRIS_FETCH__CA_BUNDLE=DIR/cert.pem so it trusts them.
+The http(s):// images come from loopback servers this file starts; the server under test
 must allow private networks (infra/local.yaml does).
 
 Each request is one Locust "chat" sample (end to end); time to first token is reported as
@@ -22,17 +26,31 @@ from __future__ import annotations
 import json
 import os
 import random
+import ssl
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from locust import HttpUser, between, events, task
 
 from tests.images import data_uri, encode, natural, pattern
-from tests.servers import ImageServer
+from tests.servers import ImageServer, self_signed_tls
 
 MODEL = os.environ.get("IRIS_MODEL", "demo-vlm")
 _IMAGES: dict[str, list[tuple[str, str]]] = {}  # kind -> [(source, url)]
-_SERVER: ImageServer | None = None
+_SERVERS: list[ImageServer] = []
+
+
+def tls_server_context(directory: Path) -> ssl.SSLContext:
+    """The loopback https server's context; the CA is made once and then reused, so the
+    server under test can be started trusting it."""
+    if not (directory / "cert.pem").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        return self_signed_tls("127.0.0.1", directory)[0]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return ctx
 
 
 def _make_images() -> dict[str, tuple[bytes, str]]:
@@ -45,8 +63,13 @@ def _make_images() -> dict[str, tuple[bytes, str]]:
 
 @events.test_start.add_listener
 def _setup(environment: Any, **_: Any) -> None:
-    global _SERVER
-    _SERVER = ImageServer()
+    http = ImageServer()
+    _SERVERS.append(http)
+    https = None
+    tls_dir = os.environ.get("IRIS_LOCUST_TLS_DIR")
+    if tls_dir:
+        https = ImageServer(tls=tls_server_context(Path(tls_dir)))
+        _SERVERS.append(https)
     images = _make_images()
     s3 = None
     endpoint = os.environ.get("IRIS_LOCUST_S3_ENDPOINT")
@@ -60,7 +83,9 @@ def _setup(environment: Any, **_: Any) -> None:
             pass
     for kind, (data, mime) in images.items():
         entries = [("data", data_uri(data, mime)),
-                   ("http", _SERVER.add_bytes(f"/{kind}", data, mime))]
+                   ("http", http.add_bytes(f"/{kind}", data, mime))]
+        if https is not None:
+            entries.append(("https", https.add_bytes(f"/{kind}", data, mime)))
         if s3 is not None:
             s3.put_object(Bucket="iris-locust", Key=kind, Body=data)
             entries.append(("s3", f"s3://iris-locust/{kind}"))
@@ -69,8 +94,8 @@ def _setup(environment: Any, **_: Any) -> None:
 
 @events.test_stop.add_listener
 def _teardown(environment: Any, **_: Any) -> None:
-    if _SERVER is not None:
-        _SERVER.close()
+    for server in _SERVERS:
+        server.close()
 
 
 class ChatUser(HttpUser):
@@ -133,3 +158,10 @@ class ChatUser(HttpUser):
     @task(2)
     def small_distinct(self) -> None:
         self._chat("small-jpeg", distinct=True)
+
+
+if __name__ == "__main__":  # python -m load_tests.locustfile DIR: make the https test CA
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "load_tests/results/locust-tls")
+    tls_server_context(folder)
+    print(f"CA for https://127.0.0.1 images: {folder / 'cert.pem'}; start Iris with "
+          f"IRIS_FETCH__CA_BUNDLE={folder.resolve() / 'cert.pem'}")
