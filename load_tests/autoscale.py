@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import contextlib
-import io
 import json
 import os
 import secrets
@@ -39,23 +36,29 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import httpx
-import numpy as np
 import yaml
-from PIL import Image
 
-from load_tests.workload import chat_body
+from load_tests.cluster import (
+    CPU_NODE_RESOURCE,
+    llm_node_ids,
+    no_address_file,
+    replica_counts,
+    running,
+    start_cluster,
+    total,
+)
+from load_tests.workload import StreamResult, chat_body, stream_chat
+from tests.images import data_uri, encode, pattern
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "iris-autoscale"
-CPU_NODE_RESOURCE = "iris_cpu_node"
 LLM = "LLMServer"
 PREP = "ImagePreprocessor"
 FETCHER = "ImageFetcher"
@@ -145,144 +148,12 @@ def iris_config(plan: Plan, port: int, api_key: str) -> Any:
     )
 
 
-# --------------------------------------------------------------------------- cluster
-
-
-@contextlib.contextmanager
-def no_address_file() -> Iterator[None]:
-    """Keep `Cluster` away from /tmp/ray/ray_current_cluster: it writes its address there
-    (so any other `ray.init()` on this machine would join *this* cluster) and deletes the
-    file on shutdown (even if another cluster wrote it)."""
-    import ray._common.utils
-    import ray._private.utils
-
-    saved = ray._private.utils.write_ray_address, ray._common.utils.reset_ray_address
-    ray._private.utils.write_ray_address = lambda *a, **k: None
-    ray._common.utils.reset_ray_address = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        ray._private.utils.write_ray_address, ray._common.utils.reset_ray_address = saved
-
-
-def start_cluster(temp_dir: str) -> Any:
-    """Head (CPU only, hosts the CPU deployments) + two 1-GPU workers, with their own temp
-    dir, random ports, no dashboard and no address file, so the cluster co-exists with
-    any other Ray instance on this machine."""
-    from ray.cluster_utils import Cluster
-
-    common = {"temp_dir": temp_dir, "include_dashboard": False,
-              "dashboard_agent_listen_port": None}
-    with no_address_file():
-        cluster = Cluster(initialize_head=True, head_node_args={
-            **common, "num_cpus": 4, "resources": {CPU_NODE_RESOURCE: 100},
-            "object_store_memory": 300 << 20,
-        })
-        for _ in range(2):
-            cluster.add_node(**common, num_cpus=2, num_gpus=1, object_store_memory=200 << 20)
-    cluster.wait_for_nodes()
-    return cluster
-
-
-def replica_counts(app: str) -> dict[str, dict[str, int]]:
-    """{deployment: {replica state: count}} from Serve's status."""
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None:
-        return {}
-    return {name: {str(getattr(k, "value", k)): int(v) for k, v in d.replica_states.items()}
-            for name, d in status.deployments.items()}
-
-
-def running(counts: dict[str, dict[str, int]], name: str) -> int:
-    return counts.get(name, {}).get("RUNNING", 0)
-
-
-def total(counts: dict[str, dict[str, int]], name: str) -> int:
-    return sum(counts.get(name, {}).values())
-
-
-# --------------------------------------------------------------------------- traffic
-
-
-def make_images(n: int = 4, side: int = 448) -> list[str]:
-    """Distinct smooth-plus-noise PNGs as data: URIs."""
-    uris = []
-    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
-    for seed in range(n):
-        rng = np.random.default_rng(seed)
-        base = np.stack([127 + 120 * np.sin(x / (7 + seed) + seed),
-                         127 + 120 * np.cos(y / (9 + seed)),
-                         (x + y) * 255 / (2 * side)], axis=-1)
-        arr = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr, "RGB").save(buf, format="PNG")
-        uris.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
-    return uris
-
-
-@dataclass
-class StreamResult:
-    ok: bool
-    first_chunk_s: float | None = None
-    first_token_s: float | None = None
-    error: str = ""
-
-
-async def stream_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> StreamResult:
-    """One streaming chat request; any non-200, error event or missing [DONE] fails it."""
-    t0 = time.monotonic()
-    res = StreamResult(ok=False)
-    try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")[:200]
-                res.error = f"HTTP {resp.status_code}: {text}"
-                return res
-            done = False
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    res.error = f"stream error: {chunk['error'].get('message')}"
-                    return res
-                now = time.monotonic() - t0
-                if res.first_chunk_s is None:
-                    res.first_chunk_s = now
-                choices = chunk.get("choices") or [{}]
-                if res.first_token_s is None and (choices[0].get("delta") or {}).get("content"):
-                    res.first_token_s = now
-            if not done:
-                res.error = "stream ended without [DONE]"
-                return res
-            res.ok = True
-            return res
-    except Exception as exc:
-        res.error = f"{type(exc).__name__}: {exc}"[:300]
-        return res
-
-
-async def llm_node_ids(handle: Any, calls: int = 4) -> set[str]:
-    """Node ids of LLMServer replicas that answer `stats` (only call with replicas up:
-    a call at zero replicas would itself trigger a scale-up)."""
-    async def one() -> str | None:
-        try:
-            stats = await asyncio.wait_for(handle.stats.remote(), 10)
-            return str(stats["node_id"])
-        except Exception:
-            return None
-
-    got = await asyncio.gather(*(one() for _ in range(calls)))
-    return {g for g in got if g}
-
-
 # --------------------------------------------------------------------------- scenario
+
+
+def images(n: int = 4, side: int = 448) -> list[str]:
+    """Distinct PNGs as data: URIs."""
+    return [data_uri(encode(pattern(side, side, seed=s))) for s in range(n)]
 
 
 @dataclass
@@ -432,7 +303,7 @@ async def scenario(plan: Plan, cfg: Any, api_key: str, out: Outcome, tally: Tall
 
     base = f"http://{cfg.http.host}:{cfg.http.port}/v1"
     url = f"{base}/chat/completions"
-    bodies = [chat_body(cfg.model.id, img, plan.max_tokens) for img in make_images()]
+    bodies = [chat_body(cfg.model.id, img, plan.max_tokens) for img in images()]
     handle = serve.get_deployment_handle(LLM, APP_NAME)
     timeout = httpx.Timeout(plan.cold_timeout_s, connect=10)
     limits = httpx.Limits(max_connections=plan.concurrency + 4)

@@ -72,31 +72,63 @@ def chat_body(model: str, image_url: str, max_tokens: int) -> dict[str, Any]:
     }
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                      result: Result) -> None:
-    t0 = time.perf_counter()
-    ttft: float | None = None
+@dataclass
+class StreamResult:
+    ok: bool
+    first_chunk_s: float | None = None
+    first_token_s: float | None = None
+    e2e_s: float | None = None
+    error: str = ""
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> StreamResult:
+    """One streaming chat request; any non-200, error event or missing [DONE] fails it."""
+    t0 = time.monotonic()
+    res = StreamResult(ok=False)
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
-                result.errors.append(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-                return
+                text = (await resp.aread()).decode(errors="replace")[:200]
+                res.error = f"HTTP {resp.status_code}: {text}"
+                return res
+            done = False
             async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if not line.startswith("data: "):
                     continue
-                chunk = json.loads(line[6:])
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
                 if "error" in chunk:
-                    result.errors.append(str(chunk["error"])[:200])
-                    return
-                if ttft is None and any(
-                    (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])
-                ):
-                    ttft = time.perf_counter() - t0
-    except httpx.HTTPError as exc:
-        result.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                    res.error = f"stream error: {chunk['error'].get('message')}"
+                    return res
+                now = time.monotonic() - t0
+                if res.first_chunk_s is None:
+                    res.first_chunk_s = now
+                choices = chunk.get("choices") or [{}]
+                if res.first_token_s is None and (choices[0].get("delta") or {}).get("content"):
+                    res.first_token_s = now
+            if not done:
+                res.error = "stream ended without [DONE]"
+                return res
+            res.ok = True
+            res.e2e_s = time.monotonic() - t0
+            return res
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {exc}"[:300]
+        return res
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                      result: Result) -> None:
+    res = await stream_chat(client, url, body)
+    if not res.ok:
+        result.errors.append(res.error)
         return
-    result.e2e_s.append(time.perf_counter() - t0)
-    result.ttft_s.append(ttft if ttft is not None else result.e2e_s[-1])
+    assert res.e2e_s is not None
+    result.e2e_s.append(res.e2e_s)
+    result.ttft_s.append(res.first_token_s if res.first_token_s is not None else res.e2e_s)
 
 
 async def run_workload(base_url: str, model: str, workload: Workload, target: str,
