@@ -17,6 +17,7 @@ from deployments.preprocessor import PreparedImage
 from handlers.config import IrisConfig
 from handlers.engine import ChatEngine, Event, VllmChatEngine, engine_placement
 from handlers.errors import to_error
+from handlers.stream_batch import batch_sse
 
 
 def llm_serve_options(cfg: IrisConfig) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class LLMServer:
         os.environ.update(config.engine.env)
         with keep_serve_log_handlers():
             self._engine: ChatEngine = await VllmChatEngine.start(config)
+        self._batch_s = config.http.stream_batch_ms / 1000
 
     async def check_health(self) -> None:
         await self._engine.check_health()
@@ -73,7 +75,7 @@ class LLMServer:
             # Pixels come straight from the preprocessor's object store entries.
             arrays = await asyncio.gather(*(img.ref for img in images)) if images else []
             pairs = [(arr, img.uuid) for arr, img in zip(arrays, images, strict=True)]
-            async for event in self._engine.chat(body, pairs):
+            async for event in batch_sse(self._engine.chat(body, pairs), self._batch_s):
                 yield event
         except Exception as exc:  # CancelledError is not an Exception: cancels propagate
             yield "error", to_error(exc)

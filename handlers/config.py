@@ -179,6 +179,12 @@ class DeploymentsSettings(_Strict):
 class HttpSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of the Serve HTTP proxy.")
+    stream_batch_ms: float = Field(
+        50.0, ge=0,
+        description="After the first token, streamed chunks produced within this many ms "
+        "travel together (fewer messages between replicas; Ray Serve LLM's default is also "
+        "50). 0 sends every chunk on its own.",
+    )
 
 
 class IrisConfig(BaseSettings):
