@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import ssl
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -209,14 +213,28 @@ async def test_allowlist_checked_on_every_hop(image_server: ImageServer) -> None
     assert ok.data == PNG and image_server.hits[target] == 1
 
 
-async def test_https_keeps_sni_and_certificate_hostname(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def tls_image_server(
+    hostname: str, directory: Path, path: str
+) -> Iterator[tuple[ImageServer, ssl.SSLContext, FakeResolver]]:
+    """An https image server serving PNG at `path` under a self-signed certificate for
+    `hostname` (cert.pem in `directory`), a client context trusting it, and a resolver
+    sending `hostname` to it."""
     from tests.servers import self_signed_tls
 
-    server_ctx, client_ctx = self_signed_tls("images.example.test", tmp_path)
+    server_ctx, client_ctx = self_signed_tls(hostname, directory)
     server = ImageServer(tls=server_ctx)
     try:
-        server.add_bytes("/tls.png", PNG)
-        resolver = FakeResolver({"images.example.test": ["127.0.0.1"]})
+        server.add_bytes(path, PNG)
+        yield server, client_ctx, FakeResolver({hostname: ["127.0.0.1"]})
+    finally:
+        server.close()
+
+
+async def test_https_keeps_sni_and_certificate_hostname(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with tls_image_server("images.example.test", tmp_path, "/tls.png") as (
+        server, client_ctx, resolver,
+    ):
         s = FetchSettings(allow_private_networks=True)
         source = HttpSource(s, resolver, ssl_context=client_ctx)
         async with Fetcher(s, {"http": source}) as f:
@@ -227,18 +245,10 @@ async def test_https_keeps_sni_and_certificate_hostname(tmp_path) -> None:  # ty
             # The certificate names the host, not the address: dialling the IP must fail.
             with pytest.raises(ImageError):
                 await f.fetch(f"https://127.0.0.1:{server.port}/tls.png")
-    finally:
-        server.close()
 
 
 async def test_ca_bundle_trusts_an_internal_ca_and_only_then(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.servers import self_signed_tls
-
-    server_ctx, _ = self_signed_tls("images.internal.test", tmp_path)
-    server = ImageServer(tls=server_ctx)
-    try:
-        server.add_bytes("/ca.png", PNG)
-        resolver = FakeResolver({"images.internal.test": ["127.0.0.1"]})
+    with tls_image_server("images.internal.test", tmp_path, "/ca.png") as (server, _, resolver):
         url = f"https://images.internal.test:{server.port}/ca.png"
         public = FetchSettings(allow_private_networks=True)
         async with Fetcher(public, {"http": HttpSource(public, resolver)}) as f:
@@ -247,5 +257,3 @@ async def test_ca_bundle_trusts_an_internal_ca_and_only_then(tmp_path) -> None: 
         internal = FetchSettings(allow_private_networks=True, ca_bundle=str(tmp_path / "cert.pem"))
         async with Fetcher(internal, {"http": HttpSource(internal, resolver)}) as f:
             assert (await f.fetch(url)).data == PNG
-    finally:
-        server.close()
