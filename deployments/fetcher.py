@@ -21,10 +21,8 @@ class ImageFetcher:
     async def fetch(self, url: str) -> FetchedImage:
         t0 = time.perf_counter()
         image = await self._fetcher.fetch(url)
-        scheme = scheme_of(url)
         m = metrics()
-        m.stage("fetch", time.perf_counter() - t0, scheme=scheme)
-        m.fetched_bytes.inc(len(image.data), tags={"scheme": scheme})
+        m.fetched(scheme_of(url), time.perf_counter() - t0, len(image.data))
         stats = self._fetcher.stats()
         for key, result in (("hits", "hit"), ("misses", "miss")):
             # The cache counts cumulatively; export the change since the last fetch.

@@ -49,6 +49,11 @@ class IrisMetrics:
         self.stage_seconds.observe(seconds, tags={"stage": stage, "scheme": tags.get(
             "scheme", ""), "stream": tags.get("stream", "")})
 
+    def fetched(self, scheme: str, seconds: float, nbytes: int) -> None:
+        """One image obtained (fetched, or decoded from a data: URI)."""
+        self.stage("fetch", seconds, scheme=scheme)
+        self.fetched_bytes.inc(nbytes, tags={"scheme": scheme})
+
 
 @cache
 def metrics() -> IrisMetrics:

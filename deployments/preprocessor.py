@@ -90,9 +90,7 @@ class ImagePreprocessor:
         fetched = await asyncio.to_thread(
             lambda: finish(decode_data_uri(url, self._max_image_bytes))
         )
-        m = metrics()
-        m.stage("fetch", time.perf_counter() - t0, scheme="data")
-        m.fetched_bytes.inc(len(fetched.data), tags={"scheme": "data"})
+        metrics().fetched("data", time.perf_counter() - t0, len(fetched.data))
         return fetched
 
     async def _prepare(
