@@ -4,24 +4,76 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
+from typing import Any
 
 from handlers.config import IrisConfig, load_config
 
+# The Serve settings the Ray instance this process started runs with.
+_STARTED_WITH: dict[str, str] = {}
+
+
+def _started_here(cfg: IrisConfig) -> bool:
+    """init_ray started this process's Ray with cfg's direct-ingress settings."""
+    env = cfg.http.direct_ingress_env()
+    return bool(env) and _STARTED_WITH == env
+
+
+def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Start a local Ray instance (more logical CPUs than cores, so all replicas fit) whose
+    processes carry the Serve settings `cfg` needs (direct ingress)."""
+    import ray
+
+    cpus = num_cpus or max(8, os.cpu_count() or 1)
+    print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
+    extra = cfg.http.direct_ingress_env()
+    saved = {k: os.environ.get(k) for k in extra}
+    # Ray's processes inherit this environment when they start; put it back afterwards
+    # so other Ray clusters this process starts (tests) do not inherit it.
+    os.environ.update(extra)
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+        _STARTED_WITH.clear()
+        if not (kwargs.get("address") or os.environ.get("RAY_ADDRESS")):  # not a new instance
+            _STARTED_WITH.update(extra)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
 
 def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> None:
-    """Start Ray (more logical CPUs than cores, so all replicas fit) and deploy the app."""
+    """Start Ray unless connected, start Serve's HTTP side and deploy the app."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
     if not ray.is_initialized():
-        cpus = num_cpus or max(8, os.cpu_count() or 1)
-        print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        init_ray(cfg, num_cpus=num_cpus, log_to_driver=True)
+    http = cfg.http
+    direct = http.direct_ingress and (_started_here(cfg) or http.direct_ingress_active())
+    if http.direct_ingress and not direct:
+        print(">> http.direct_ingress needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where Ray "
+              "started; serving through Serve's proxy instead", flush=True)
+    if direct:
+        # ChatIngress binds http.port itself; the proxy goes elsewhere.
+        proxy_port = http.proxy_port or _free_port(http.host)
+        print(f">> direct ingress: ChatIngress listens on {http.host}:{http.port}, "
+              f"Serve's proxy on {http.host}:{proxy_port}", flush=True)
+    else:
+        proxy_port = http.port
+    serve.start(http_options={"host": http.host, "port": proxy_port})
     print(f">> deploying {cfg.app_name!r} (model {cfg.model.id!r} from {cfg.model.source})",
           flush=True)
     # serve.run waits until every deployment is RUNNING (the engine has loaded).

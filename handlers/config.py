@@ -176,15 +176,55 @@ class DeploymentsSettings(_Strict):
     )
 
 
+# Ray Serve reads this at import time in every Ray process, so it must be in the
+# environment before Ray starts.
+DIRECT_INGRESS_FLAG = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+# Ingress replicas that land on one node take ports http.port, http.port + 1, ...
+DIRECT_INGRESS_PORT_SPAN = 16
+
+
 class HttpSettings(_Strict):
-    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
-    port: int = Field(8000, gt=0, lt=65536, description="Port of the Serve HTTP proxy.")
+    host: str = Field("127.0.0.1", description="Address clients connect to.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port clients connect to.")
+    direct_ingress: bool = Field(
+        False,
+        description="ChatIngress itself listens on host:port (Ray Serve direct ingress), so "
+        "requests skip Serve's proxy actor: one process hop and two copies of each body "
+        "fewer. Applied when Iris starts Ray (`make serve`); on a cluster started elsewhere "
+        "it needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on every node. Extra ingress replicas on "
+        "a node take the next ports; Serve's proxy still runs, on proxy_port.",
+    )
+    proxy_port: int | None = Field(
+        None, gt=0, lt=65536,
+        description="With direct_ingress: port of Serve's proxy (routes to ingress replicas "
+        "on any node). None picks a free port.",
+    )
     stream_batch_ms: float = Field(
         50.0, ge=0,
         description="After the first token, streamed chunks produced within this many ms "
         "travel together (fewer messages between replicas; Ray Serve LLM's default is also "
         "50). 0 sends every chunk on its own.",
     )
+
+    def direct_ingress_env(self) -> dict[str, str]:
+        """Ray Serve settings, for the environment Ray starts with, that put the ingress
+        replica of each node on `port` (the next ports for extra ones)."""
+        if not self.direct_ingress:
+            return {}
+        return {
+            DIRECT_INGRESS_FLAG: "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.port + DIRECT_INGRESS_PORT_SPAN - 1),
+            # A restarted ingress replica gets `port` back at once rather than the next one.
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            # Serve holds a stopping ingress replica 30 s for an external load balancer to
+            # notice; with clients connecting straight to it there is none to wait for.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        }
+
+    def direct_ingress_active(self) -> bool:
+        """Asked for, and this Ray process's environment has Serve's switch on."""
+        return self.direct_ingress and os.environ.get(DIRECT_INGRESS_FLAG) == "1"
 
 
 class IrisConfig(BaseSettings):
@@ -207,7 +247,7 @@ class IrisConfig(BaseSettings):
     deployments: DeploymentsSettings = Field(
         default_factory=DeploymentsSettings, description="Serve options per deployment."
     )
-    http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP proxy.")
+    http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
     api_key: list[SecretStr] | None = Field(
         None, description="Bearer key(s) required on every route but /health (IRIS_API_KEY)."
     )

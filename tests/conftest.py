@@ -46,7 +46,8 @@ def iris_config():  # type: ignore[no-untyped-def]
     if not (MODEL_DIR / "config.json").exists():
         pytest.exit("demo model missing: run `make demo-model` (make test does it)", 2)
     cfg = load_config(
-        http={"host": "127.0.0.1", "port": free_port()},
+        # direct_ingress comes from infra/local.yaml: ChatIngress listens on port itself.
+        http={"host": "127.0.0.1", "port": free_port(), "proxy_port": free_port()},
         app_name="iris-test",
         api_key=API_KEYS,
         limits={"max_body_bytes": MAX_BODY_BYTES},
@@ -65,15 +66,15 @@ def iris(iris_config, s3: S3Server) -> Iterator[str]:  # type: ignore[no-untyped
     import ray
     from ray import serve
 
-    from deployments.run import start
+    from deployments.run import init_ray, start
 
     env = {**s3.env, "PYTHONPATH": str(ROOT)}
     # Replicas read AWS settings from their environment, as in production.
     os.environ.update(s3.env)
     metrics_port = free_port()
     os.environ["IRIS_TEST_METRICS_PORT"] = str(metrics_port)
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False, _metrics_export_port=metrics_port)
+    init_ray(iris_config, num_cpus=8, runtime_env={"env_vars": env}, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     t0 = time.monotonic()
     start(iris_config)
     print(f"\n[iris] app ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)

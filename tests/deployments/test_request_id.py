@@ -8,6 +8,9 @@ import logging.handlers
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from deployments.llm_server import keep_serve_log_handlers
 from tests.deployments.test_api_contract import good_body, post_chat
@@ -27,14 +30,25 @@ def files_mentioning(rid: str) -> set[str]:
             for p in serve_log_dir().glob("*.log") if rid in p.read_text(errors="replace")}
 
 
-def test_request_id_in_every_replica_log(iris: str, image_server: ImageServer) -> None:
+REPLICAS = {"ChatIngress", "ImageFetcher", "ImagePreprocessor", "LLMServer"}
+
+
+@pytest.mark.parametrize("entry", ["direct", "proxy"])
+def test_request_id_in_every_replica_log(
+    entry: str, iris: str, iris_config: Any, image_server: ImageServer
+) -> None:
+    """Direct ingress (the port clients use) skips Serve's proxy; its proxy_port goes
+    through it. Both keep one id end to end."""
+    assert iris_config.http.direct_ingress  # infra/local.yaml's setting, which the tests use
+    http = iris_config.http
+    base = iris if entry == "direct" else f"http://{http.host}:{http.proxy_port}/v1"
     rid = f"iris-test-{uuid.uuid4().hex}"
     # A never-seen image over http: the request visits the fetcher and the preprocessor.
     url = image_server.add_bytes(f"/rid-{rid}.png", encode(pattern(96, 80, seed=77)))
-    resp = post_chat(iris, good_body(messages=image_msg(url)), headers={"x-request-id": rid})
+    resp = post_chat(base, good_body(messages=image_msg(url)), headers={"x-request-id": rid})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-request-id"] == rid
-    want = {"proxy", "ChatIngress", "ImageFetcher", "ImagePreprocessor", "LLMServer"}
+    want = REPLICAS | ({"proxy"} if entry == "proxy" else set())
     deadline = time.monotonic() + 30
     while (seen := files_mentioning(rid)) != want and time.monotonic() < deadline:
         time.sleep(0.5)

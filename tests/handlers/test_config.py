@@ -48,3 +48,20 @@ def test_deployment_serve_options() -> None:
     cfg = IrisConfig()
     opts = cfg.deployments.preprocessor.serve_options()
     assert opts["ray_actor_options"]["num_cpus"] >= 0
+
+
+def test_direct_ingress_env_puts_the_ingress_on_the_client_port(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from handlers.config import DIRECT_INGRESS_FLAG, HttpSettings
+
+    assert HttpSettings(port=8000).direct_ingress_env() == {}
+    http = HttpSettings(port=8000, direct_ingress=True)
+    env = http.direct_ingress_env()
+    assert env[DIRECT_INGRESS_FLAG] == "1"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8000"
+    assert int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) > 8000
+    # Active only where Ray's processes carry Serve's switch.
+    monkeypatch.delenv(DIRECT_INGRESS_FLAG, raising=False)
+    assert not http.direct_ingress_active()
+    monkeypatch.setenv(DIRECT_INGRESS_FLAG, "1")
+    assert http.direct_ingress_active()
+    assert not HttpSettings(port=8000).direct_ingress_active()
