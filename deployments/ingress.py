@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.metrics import metrics, record_error
 from deployments.preprocessor import PreparedImage
+from handlers.asgi import CancelledReceiveIsDisconnect
 from handlers.auth import BearerAuth
 from handlers.cache import SizedLRU
 from handlers.config import IrisConfig
@@ -50,6 +51,7 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="Iris", docs_url=None, redoc_url=None, openapi_url=None)
 app.state.api_keys = None
 app.add_middleware(BearerAuth, keys=lambda: app.state.api_keys)
+app.add_middleware(CancelledReceiveIsDisconnect)
 
 
 def error_response(exc: BaseException) -> JSONResponse:

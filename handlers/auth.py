@@ -1,6 +1,7 @@
 """Bearer-key auth as a plain ASGI middleware (no framework routing involved, so no
 route, method or trailing-slash variant can slip past it). Request ids are Ray Serve's
-own: its proxy accepts or generates `x-request-id`, echoes it and logs it per replica."""
+own: its proxy (or, with direct ingress, the ingress replica) accepts or generates
+`x-request-id`, echoes it and logs it per replica."""
 
 from __future__ import annotations
 
