@@ -20,6 +20,7 @@ from handlers.imaging import (
     load_geometry,
     pixel_bounds,
     prepare_image,
+    warm_up,
 )
 from handlers.media import FetchedImage, decode_data_uri, finish
 
@@ -65,6 +66,8 @@ class ImagePreprocessor:
             max_workers=threads, thread_name_prefix="iris-prep",
             initializer=configure_threads, initargs=(1,),
         )
+        # Serve reports the replica ready only after this: no user request pays for it.
+        self._pool.submit(warm_up, geometry, self._cfg.fidelity).result()
         self._max_image_bytes = config.fetch.max_image_bytes
         self._cache: SizedLRU[PreparedImage] = SizedLRU(self._cfg.cache_max_bytes)
         self._flight = SingleFlight()

@@ -79,3 +79,22 @@ def test_garbage_and_truncated_images_are_image_errors(data: bytes) -> None:
 def test_extreme_aspect_ratio_is_refused() -> None:
     with pytest.raises(ImageError, match="aspect ratio"):
         prep(encode(Image.new("RGB", (4000, 10))))
+
+
+def test_warm_up_runs_the_resize_path() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # A fresh interpreter: whether torchvision is loaded must be down to warm_up alone.
+    code = (
+        "import sys\n"
+        "from handlers.imaging import ProcessorGeometry, warm_up\n"
+        "assert 'torchvision' not in sys.modules\n"
+        "out = warm_up(ProcessorGeometry())\n"
+        "assert 'torchvision' in sys.modules\n"
+        "h, w, c = out.array.shape\n"
+        "assert (h % 28, w % 28, c) == (0, 0, 3) and (w, h) != (72, 40)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[2])
