@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from handlers.config import IrisConfig, load_config
+from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pinned
 
 # The Serve settings the Ray instance this process started runs with.
 _STARTED_WITH: dict[str, str] = {}
@@ -23,21 +24,28 @@ def _started_here(cfg: IrisConfig) -> bool:
 
 def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Start a local Ray instance (more logical CPUs than cores, so all replicas fit) whose
-    processes carry the Serve settings `cfg` needs (direct ingress)."""
+    processes carry the settings `cfg` needs: direct ingress, and a CPU engine's worker
+    on cores of its own (engine.cpu_cores) with every Ray process on the others."""
     import ray
 
     cpus = num_cpus or max(8, os.cpu_count() or 1)
     print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
     extra = cfg.http.direct_ingress_env()
+    split = engine_core_split(cfg.engine)
+    if split is not None:
+        extra[OMP_BIND_ENV] = omp_bind(split[0])
+        print(f">> CPU engine worker on cores {split[0]}; Ray and the replicas on {split[1]}",
+              flush=True)
     saved = {k: os.environ.get(k) for k in extra}
-    # Ray's processes inherit this environment when they start; put it back afterwards
-    # so other Ray clusters this process starts (tests) do not inherit it.
+    # Ray's processes inherit this environment and CPU affinity when they start; put them
+    # back afterwards so other Ray clusters this process starts (tests) do not inherit them.
     os.environ.update(extra)
     try:
-        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+        with pinned(split[1] if split else []):
+            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
         _STARTED_WITH.clear()
         if not (kwargs.get("address") or os.environ.get("RAY_ADDRESS")):  # not a new instance
-            _STARTED_WITH.update(extra)
+            _STARTED_WITH.update(cfg.http.direct_ingress_env())
     finally:
         for k, v in saved.items():
             if v is None:

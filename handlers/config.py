@@ -46,6 +46,21 @@ class EngineSettings(_Strict):
         default_factory=dict,
         description="Environment for the engine replica (e.g. VLLM_CPU_KVCACHE_SPACE).",
     )
+    cpu_cores: int | Literal["auto", "off"] = Field(
+        "off",
+        description="CPU engines only (vLLM's CPU backend, one shard): the engine's worker "
+        "binds the node's first cpu_cores cores and Iris's replicas on that node keep to the "
+        "rest, so the worker's busy polling never shares a core with request handling. "
+        "auto: half the cores. off: leave placement to vLLM and the OS (GPU engines).",
+    )
+
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _positive_cores(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("cpu_cores must be at least 1 (or auto, or off)")
+        return v
 
 
 class LimitSettings(_Strict):

@@ -1,0 +1,70 @@
+"""Keep a CPU vLLM engine's worker on cores of its own.
+
+vLLM's CPU worker binds its OpenMP threads to fixed cores and busy-polls for its next
+batch. Every other process the OS lets onto those cores (Ray's raylet, the Serve
+replicas, the engine's own front end) interrupts it or waits behind it. When Iris starts
+Ray itself, it gives the worker the first `engine.cpu_cores` cores and starts Ray, and so
+every process Ray starts, on the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+from handlers.config import EngineSettings
+
+CpuCores = int | Literal["auto", "off"]
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def available_cores() -> list[int]:
+    if not hasattr(os, "sched_getaffinity"):
+        return []
+    return sorted(os.sched_getaffinity(0))
+
+
+def split_cores(cores: list[int], engine: CpuCores) -> tuple[list[int], list[int]] | None:
+    """(the engine worker's cores, everyone else's), or None when there is nothing to split."""
+    if engine == "off" or len(cores) < 2:
+        return None
+    n = len(cores) // 2 if engine == "auto" else engine
+    n = max(1, min(n, len(cores) - 1))
+    return cores[:n], cores[n:]
+
+
+def engine_core_split(engine: EngineSettings) -> tuple[list[int], list[int]] | None:
+    """engine.cpu_cores on this machine, unless the engine has several shards or the
+    user placed its worker (VLLM_CPU_OMP_THREADS_BIND in engine.env)."""
+    if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1 or (
+        OMP_BIND_ENV in engine.env
+    ):
+        return None
+    return split_cores(available_cores(), engine.cpu_cores)
+
+
+def omp_bind(cores: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND's format: '0,1,2'."""
+    return ",".join(str(c) for c in cores)
+
+
+def _set_all_threads(cores: set[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread may end meanwhile
+            os.sched_setaffinity(int(tid), cores)
+
+
+@contextlib.contextmanager
+def pinned(cores: list[int]) -> Iterator[None]:
+    """This process on `cores` for the block: what it starts inside inherits them."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    _set_all_threads(set(cores))
+    try:
+        yield
+    finally:
+        _set_all_threads(before)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from handlers.config import EngineSettings
+from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pinned, split_cores
+
+
+def test_split_cores() -> None:
+    assert split_cores([0, 1], "off") is None
+    assert split_cores([0], "auto") is None  # one core: nothing to keep apart
+    assert split_cores([0, 1], "auto") == ([0], [1])
+    assert split_cores([0, 1, 2, 3, 4, 5, 6, 7], "auto") == ([0, 1, 2, 3], [4, 5, 6, 7])
+    assert split_cores([2, 3, 5], 2) == ([2, 3], [5])
+    # Everyone else always keeps at least one core.
+    assert split_cores([0, 1, 2], 8) == ([0, 1], [2])
+    assert omp_bind([0, 1, 3]) == "0,1,3"
+
+
+def test_engine_core_split_leaves_sharded_or_placed_engines_alone() -> None:
+    assert engine_core_split(EngineSettings(cpu_cores=1, tensor_parallel_size=2)) is None
+    assert engine_core_split(EngineSettings(cpu_cores=1, env={OMP_BIND_ENV: "0-3"})) is None
+    assert engine_core_split(EngineSettings()) is None  # off by default
+
+
+def test_cpu_cores_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        EngineSettings(cpu_cores=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to pin to one")
+def test_pinned_is_inherited_by_children_and_undone_after() -> None:
+    before = os.sched_getaffinity(0)
+    last = max(before)
+    with pinned([last]):
+        out = subprocess.run(
+            [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    assert out.strip() == f"[{last}]"
+    assert os.sched_getaffinity(0) == before
