@@ -5,6 +5,7 @@ writes a Markdown table and PNG plots under the results folder.
 
     .venv/bin/python -m load_tests.compare [--targets vllm,rayllm,iris] [--requests 40]
         [--concurrency 4] [--max-tokens 8] [--iris-env IRIS_IMAGING__FIDELITY=fast]
+        [--iris-variant proxy:IRIS_HTTP__DIRECT_INGRESS=false]
 
 The peers cannot read s3://, so every workload sends images as data: URIs.
 """
@@ -89,7 +90,16 @@ class Server:
         self._log.close()
 
 
-def servers(targets: list[str], iris_env: dict[str, str]) -> list[Server]:
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'proxy:IRIS_HTTP__DIRECT_INGRESS=false,K=V' -> ('iris-proxy', {...})."""
+    name, _, pairs = spec.partition(":")
+    if not name or not pairs:
+        raise ValueError(f"--iris-variant wants NAME:KEY=VALUE[,KEY=VALUE], not {spec!r}")
+    return f"iris-{name}", dict(kv.split("=", 1) for kv in pairs.split(","))
+
+
+def servers(targets: list[str], iris_env: dict[str, str],
+            variants: dict[str, dict[str, str]] | None = None) -> list[Server]:
     py = sys.executable
     made = {
         "vllm": lambda p: Server("vllm", [
@@ -103,6 +113,10 @@ def servers(targets: list[str], iris_env: dict[str, str]) -> list[Server]:
         "iris": lambda p: Server("iris", [py, "-m", "deployments.run"], p,
                                  {"IRIS_HTTP__PORT": str(p), **iris_env}, "/ready"),
     }
+    for name, env in (variants or {}).items():
+        made[name] = lambda p, env=env, name=name: Server(
+            name, [py, "-m", "deployments.run"], p,
+            {"IRIS_HTTP__PORT": str(p), **iris_env, **env}, "/ready")
     return [made[t](free_port()) for t in targets]
 
 
@@ -185,17 +199,23 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4, help="requests per workload, not measured")
     p.add_argument("--iris-env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--iris-variant", action="append", default=[],
+                   metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also run Iris with these settings, as target iris-NAME (e.g. "
+                   "proxy:IRIS_HTTP__DIRECT_INGRESS=false): one optimisation's effect")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     iris_env = dict(kv.split("=", 1) for kv in args.iris_env)
+    variants = dict(parse_variant(v) for v in args.iris_variant)
+    targets += list(variants)
     out = args.out or ROOT / "load_tests" / "results" / time.strftime("compare-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     loads = workloads(args.requests, args.concurrency, args.max_tokens)
     results: list[Result] = []
     cpu: list[dict[str, Any]] = []
-    for server in servers(targets, iris_env):
+    for server in servers(targets, iris_env, variants):
         print(f">> [{server.name}] starting on port {server.port} (log: {out}/{server.name}.log)",
               flush=True)
         server.start(out / f"{server.name}.log")
@@ -224,7 +244,8 @@ def main() -> int:
     table = markdown(results, targets)
     note = (f"Same machine, model {MODEL_ID}, concurrency {args.concurrency} (and 1 for -c1), "
             f"{args.requests} requests, {args.max_tokens} output tokens (ignore_eos), the same "
-            f"image every request, sent as a data: URI. Iris env: {iris_env or 'defaults'}.\n\n")
+            f"image every request, sent as a data: URI. Iris env: {iris_env or 'defaults'}"
+            + "".join(f"; {n}: {e}" for n, e in variants.items()) + ".\n\n")
     cpu_note = ("\n## Where the CPU goes\n\nCPU time of each server's processes during "
                 "the measured requests, per request. vLLM's model worker busy-polls for work, "
                 "so its figure includes spinning and grows into whatever CPU is idle.\n\n")
