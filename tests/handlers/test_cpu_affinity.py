@@ -44,3 +44,31 @@ def test_pinned_is_inherited_by_children_and_undone_after() -> None:
         ).stdout
     assert out.strip() == f"[{last}]"
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to pin to one")
+def test_init_ray_starts_ray_beside_the_engine_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Ray's processes would inherit when init_ray starts them (ray.init faked)."""
+    import ray
+
+    from deployments.run import init_ray
+    from handlers.config import IrisConfig
+
+    seen: dict[str, object] = {}
+
+    def fake_init(**_: object) -> None:
+        seen["bind"] = os.environ.get(OMP_BIND_ENV)
+        seen["affinity"] = sorted(os.sched_getaffinity(0))
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv(OMP_BIND_ENV, raising=False)
+    before = os.sched_getaffinity(0)
+    engine, others = split_cores(sorted(before), "auto") or ([], [])
+    init_ray(IrisConfig(engine={"cpu_cores": "auto"}))
+    assert seen == {"bind": omp_bind(engine), "affinity": others}
+    # Put back for this process (and whatever else it starts).
+    assert os.sched_getaffinity(0) == before and OMP_BIND_ENV not in os.environ
+    seen.clear()
+    init_ray(IrisConfig(engine={"cpu_cores": "off"}))
+    assert seen == {"bind": None, "affinity": sorted(before)}
