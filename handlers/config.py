@@ -48,12 +48,11 @@ class EngineSettings(_Strict):
     )
     cpu_cores: int | Literal["auto", "off"] = Field(
         "off",
-        description="CPU engines only (vLLM's CPU backend, one shard): the engine's worker "
-        "binds the node's first cpu_cores cores and Iris's replicas on that node keep to the "
-        "rest, so the worker's busy polling never shares a core with request handling. "
-        "auto: half the cores. off: leave placement to vLLM and the OS (GPU engines).",
+        description="CPU engines only (vLLM's CPU backend, one shard), applied when Iris "
+        "starts Ray (`make serve`): the engine's worker binds the first cpu_cores cores and "
+        "Ray, with every replica, the rest, so the worker's busy polling never shares a core "
+        "with request handling. auto: half the cores. off: leave placement to vLLM and the OS.",
     )
-
 
     @field_validator("cpu_cores")
     @classmethod
