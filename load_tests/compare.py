@@ -110,10 +110,9 @@ def servers(targets: list[str], iris_env: dict[str, str],
         "rayllm": lambda p: Server("rayllm", [
             py, "-m", "load_tests.peers.rayllm_app", "--model", str(MODEL_DIR),
             "--model-id", MODEL_ID, "--port", str(p)], p),
-        "iris": lambda p: Server("iris", [py, "-m", "deployments.run"], p,
-                                 {"IRIS_HTTP__PORT": str(p), **iris_env}, "/ready"),
     }
-    for name, env in (variants or {}).items():
+    # Iris, and each variant of it: the same server with more settings on top.
+    for name, env in {"iris": {}, **(variants or {})}.items():
         made[name] = lambda p, env=env, name=name: Server(
             name, [py, "-m", "deployments.run"], p,
             {"IRIS_HTTP__PORT": str(p), **iris_env, **env}, "/ready")
