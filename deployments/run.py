@@ -12,14 +12,8 @@ from typing import Any
 from handlers.config import IrisConfig, load_config
 from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pinned
 
-# The Serve settings the Ray instance this process started runs with.
-_STARTED_WITH: dict[str, str] = {}
-
-
-def _started_here(cfg: IrisConfig) -> bool:
-    """init_ray started this process's Ray with cfg's direct-ingress settings."""
-    env = cfg.http.direct_ingress_env()
-    return bool(env) and _STARTED_WITH == env
+# The port init_ray started a local Ray instance with direct ingress on, if it did.
+_direct_ingress_port: int | None = None
 
 
 def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> None:
@@ -28,6 +22,7 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     on cores of its own (engine.cpu_cores) with every Ray process on the others."""
     import ray
 
+    global _direct_ingress_port
     cpus = num_cpus or max(8, os.cpu_count() or 1)
     print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
     extra = cfg.http.direct_ingress_env()
@@ -43,9 +38,9 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     try:
         with pinned(split[1] if split else []):
             ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
-        _STARTED_WITH.clear()
-        if not (kwargs.get("address") or os.environ.get("RAY_ADDRESS")):  # not a new instance
-            _STARTED_WITH.update(cfg.http.direct_ingress_env())
+        new_instance = not (kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
+        direct = cfg.http.direct_ingress and new_instance
+        _direct_ingress_port = cfg.http.port if direct else None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -70,7 +65,9 @@ def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> None:
     if not ray.is_initialized():
         init_ray(cfg, num_cpus=num_cpus, log_to_driver=True)
     http = cfg.http
-    direct = http.direct_ingress and (_started_here(cfg) or http.direct_ingress_active())
+    direct = http.direct_ingress and (
+        _direct_ingress_port == http.port or http.direct_ingress_active()
+    )
     if http.direct_ingress and not direct:
         print(">> http.direct_ingress needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where Ray "
               "started; serving through Serve's proxy instead", flush=True)

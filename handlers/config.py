@@ -30,6 +30,10 @@ class ModelSettings(_Strict):
     )
 
 
+# engine.cpu_cores: how many cores a CPU engine's worker gets to itself.
+CpuCores = int | Literal["auto", "off"]
+
+
 class EngineSettings(_Strict):
     max_model_len: int = Field(4096, gt=0, description="Context length given to vLLM.")
     dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, float16).")
@@ -46,7 +50,7 @@ class EngineSettings(_Strict):
         default_factory=dict,
         description="Environment for the engine replica (e.g. VLLM_CPU_KVCACHE_SPACE).",
     )
-    cpu_cores: int | Literal["auto", "off"] = Field(
+    cpu_cores: CpuCores = Field(
         "off",
         description="CPU engines only (vLLM's CPU backend, one shard), applied when Iris "
         "starts Ray (`make serve`): the engine's worker binds the first cpu_cores cores and "

@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Literal
 
-from handlers.config import EngineSettings
+from handlers.config import CpuCores, EngineSettings
 
-CpuCores = int | Literal["auto", "off"]
 OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
