@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from http.client import HTTPException
 from typing import Any
 
 from handlers.config import IrisConfig, load_config
@@ -14,6 +19,30 @@ from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pin
 
 # The port init_ray started a local Ray instance with direct ingress on, if it did.
 _direct_ingress_port: int | None = None
+
+
+class PortInUse(RuntimeError):
+    """A port Iris is configured to serve on is taken by another process."""
+
+
+@contextlib.contextmanager
+def holding(host: str, ports: list[int]) -> Iterator[None]:
+    """Hold `ports` bound while Ray starts: Ray's processes pick free ports of their own
+    as they start, and one of them could otherwise take the port clients were told."""
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            socks.append(sock)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise PortInUse(f"{host}:{port} is in use by another process ({exc.strerror}); "
+                                "choose another with IRIS_HTTP__PORT / http.port") from None
+        yield
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> None:
@@ -34,11 +63,13 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     saved = {k: os.environ.get(k) for k in extra}
     # Ray's processes inherit this environment and CPU affinity when they start; put them
     # back afterwards so other Ray clusters this process starts (tests) do not inherit them.
+    new_instance = not (kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
+    http = cfg.http
+    ports = [p for p in (http.port, http.proxy_port) if p] if new_instance else []
     os.environ.update(extra)
     try:
-        with pinned(split[1] if split else []):
+        with pinned(split[1] if split else []), holding(http.host, ports):
             ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
-        new_instance = not (kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
         direct = cfg.http.direct_ingress and new_instance
         _direct_ingress_port = cfg.http.port if direct else None
     finally:
@@ -55,8 +86,29 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> None:
-    """Start Ray unless connected, start Serve's HTTP side and deploy the app."""
+def _ingress_answers(host: str, port: int, wait_s: float = 10.0) -> bool:
+    """Whether ChatIngress answers on host:port: it echoes the x-request-id it is sent,
+    which another process that happens to hold the port would not."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://[{host}]:{port}/health" if ":" in host else f"http://{host}:{port}/health"
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            req = urllib.request.Request(url, headers={"x-request-id": token})
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.headers.get("x-request-id") == token:
+                    return True
+        except (OSError, HTTPException):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> int:
+    """Start Ray unless connected, start Serve's HTTP side and deploy the app.
+    Returns the port clients should use."""
     import ray
     from ray import serve
 
@@ -83,6 +135,12 @@ def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> None:
           flush=True)
     # serve.run waits until every deployment is RUNNING (the engine has loaded).
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+    if direct and not _ingress_answers(http.host, http.port):
+        # Serve moves an ingress replica that cannot bind its port to the next one.
+        print(f">> ChatIngress could not take {http.host}:{http.port} (in use?); clients "
+              f"reach Iris through Serve's proxy on port {proxy_port} instead", flush=True)
+        return proxy_port
+    return http.port
 
 
 def main() -> int:
@@ -92,12 +150,15 @@ def main() -> int:
     cfg = load_config()
     t0 = time.monotonic()
     try:
-        start(cfg)
+        port = start(cfg)
+    except PortInUse as exc:
+        print(f">> {exc}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         serve.shutdown()
         ray.shutdown()
         return 130
-    base = f"http://{cfg.http.host}:{cfg.http.port}/v1"
+    base = f"http://{cfg.http.host}:{port}/v1"
     print(f">> ready in {time.monotonic() - t0:.0f} s: OpenAI API at {base} "
           f"(model {cfg.model.id!r}). Ctrl-C stops everything.", flush=True)
     stop = False
