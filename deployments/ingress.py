@@ -6,7 +6,6 @@ module globals defined after it are not there in the replica."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -14,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from blake3 import blake3  # a third of SHA-256's time on a 9 MB body, still collision-safe
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -125,9 +125,9 @@ async def relay_stream(
 async def data_uri_key(url: str, detail: str) -> tuple[str, str]:
     """A data: URI is its own content: its hash names the prepared pixels for good."""
     if len(url) > 1 << 20:  # hashing megabytes would stall the event loop
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(url.encode()).hexdigest())
+        digest = await asyncio.to_thread(lambda: blake3(url.encode()).hexdigest())
     else:
-        digest = hashlib.sha256(url.encode()).hexdigest()
+        digest = blake3(url.encode()).hexdigest()
     return digest, detail
 
 

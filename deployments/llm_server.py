@@ -15,6 +15,7 @@ from ray import serve
 
 from deployments.preprocessor import PreparedImage
 from handlers.config import IrisConfig
+from handlers.cpu_affinity import engine_process_cores, pinned
 from handlers.engine import ChatEngine, Event, VllmChatEngine, engine_placement
 from handlers.errors import to_error
 from handlers.stream_batch import batch_sse
@@ -54,7 +55,9 @@ def keep_serve_log_handlers(name: str = "ray.serve") -> Iterator[None]:
 class LLMServer:
     async def __init__(self, config: IrisConfig) -> None:
         os.environ.update(config.engine.env)
-        with keep_serve_log_handlers():
+        # The engine's core process starts here and inherits these cores (engine.cpu_cores).
+        cores = engine_process_cores(config.engine, dict(os.environ))
+        with keep_serve_log_handlers(), pinned(cores):
             self._engine: ChatEngine = await VllmChatEngine.start(config)
         self._batch_s = config.http.stream_batch_ms / 1000
 

@@ -1,10 +1,12 @@
-"""Keep a CPU vLLM engine's worker on cores of its own.
+"""Keep a CPU vLLM engine on cores of its own.
 
 vLLM's CPU worker binds its OpenMP threads to fixed cores and busy-polls for its next
 batch. Every other process the OS lets onto those cores (Ray's raylet, the Serve
-replicas, the engine's own front end) interrupts it or waits behind it. When Iris starts
-Ray itself, it gives the worker the first `engine.cpu_cores` cores and starts Ray, and so
-every process Ray starts, on the rest.
+replicas) interrupts it or waits behind it. When Iris starts Ray itself, it gives the
+worker the first `engine.cpu_cores` cores and starts Ray, and so every process Ray
+starts, on the rest. The exception is the engine's core process (vLLM's scheduler),
+which LLMServer starts on the worker's cores: the two take turns, so the scheduler runs
+when the worker polls instead of competing with request handling.
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ def engine_core_split(engine: EngineSettings) -> tuple[list[int], list[int]] | N
 def omp_bind(cores: list[int]) -> str:
     """VLLM_CPU_OMP_THREADS_BIND's format: '0,1,2'."""
     return ",".join(str(c) for c in cores)
+
+
+def engine_process_cores(engine: EngineSettings, environ: dict[str, str]) -> list[int]:
+    """In the engine replica: the cores init_ray gave the worker (read back from the
+    environment Ray started with), for the engine's core process to join; [] if Iris
+    did not place the engine."""
+    bind = environ.get(OMP_BIND_ENV, "")
+    if engine.cpu_cores == "off" or OMP_BIND_ENV in engine.env or not bind:
+        return []
+    try:
+        return sorted({int(c) for c in bind.split(",")})
+    except ValueError:  # vLLM's own forms (auto, nobind, 0-3|4-7): not Iris's
+        return []
 
 
 def _set_all_threads(cores: set[int]) -> None:

@@ -7,7 +7,14 @@ import sys
 import pytest
 
 from handlers.config import EngineSettings
-from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pinned, split_cores
+from handlers.cpu_affinity import (
+    OMP_BIND_ENV,
+    engine_core_split,
+    engine_process_cores,
+    omp_bind,
+    pinned,
+    split_cores,
+)
 
 
 def test_split_cores() -> None:
@@ -25,6 +32,18 @@ def test_engine_core_split_leaves_sharded_or_placed_engines_alone() -> None:
     assert engine_core_split(EngineSettings(cpu_cores=1, tensor_parallel_size=2)) is None
     assert engine_core_split(EngineSettings(cpu_cores=1, env={OMP_BIND_ENV: "0-3"})) is None
     assert engine_core_split(EngineSettings()) is None  # off by default
+
+
+def test_engine_process_joins_the_cores_init_ray_gave_the_worker() -> None:
+    placed = EngineSettings(cpu_cores="auto")
+    assert engine_process_cores(placed, {OMP_BIND_ENV: omp_bind([0, 2])}) == [0, 2]
+    # Iris did not place the engine: off, the user's own binding, or vLLM's forms.
+    assert engine_process_cores(EngineSettings(), {OMP_BIND_ENV: "0"}) == []
+    assert engine_process_cores(placed, {}) == []
+    mine = EngineSettings(cpu_cores="auto", env={OMP_BIND_ENV: "0"})
+    assert engine_process_cores(mine, {OMP_BIND_ENV: "0"}) == []
+    for vllm_form in ("auto", "nobind", "0-3", "0-3|4-7"):
+        assert engine_process_cores(placed, {OMP_BIND_ENV: vllm_form}) == []
 
 
 def test_cpu_cores_must_be_positive() -> None:
