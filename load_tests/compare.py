@@ -5,7 +5,11 @@ writes a Markdown table and PNG plots under the results folder.
 
     .venv/bin/python -m load_tests.compare [--targets vllm,rayllm,iris] [--requests 40]
         [--concurrency 4] [--max-tokens 8] [--iris-env IRIS_IMAGING__FIDELITY=fast]
-        [--iris-variant proxy:IRIS_HTTP__DIRECT_INGRESS=false]
+        [--iris-variant proxy:IRIS_HTTP__DIRECT_INGRESS=false] [--rounds 3]
+
+A shared machine's speed drifts by tens of percent over minutes, and the servers run
+minutes apart: --rounds N repeats the whole sequence N times, each round starting with a
+different server, and reports each number's median over the rounds with the req/s range.
 
 The peers cannot read s3://, so every workload sends images as data: URIs.
 """
@@ -17,6 +21,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -131,8 +136,37 @@ def workloads(requests: int, concurrency: int, max_tokens: int) -> list[Workload
     ]
 
 
+def rotated(targets: list[str], round_: int) -> list[str]:
+    """Round k starts with the k-th server, so none always runs first (or last)."""
+    k = round_ % max(1, len(targets))
+    return targets[k:] + targets[:k]
+
+
+MEDIANS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_mean_ms")
+
+
+def combined(results: list[Result]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (workload, target): each number's median over the rounds, errors summed, and
+    the range of req/s (one round: its own summary)."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        runs.setdefault((r.workload, r.target), []).append(r.summary())
+    out = {}
+    for key, rs in runs.items():
+        s = dict(rs[0])
+        for k in MEDIANS:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            s[k] = round(statistics.median(vals), 2) if vals else None
+        s["requests"] = sum(r["requests"] for r in rs)
+        s["errors"] = sum(r["errors"] for r in rs)
+        s["rounds"] = len(rs)
+        s["req_per_s_range"] = [min(r["req_per_s"] for r in rs), max(r["req_per_s"] for r in rs)]
+        out[key] = s
+    return out
+
+
 def markdown(results: list[Result], targets: list[str]) -> str:
-    by = {(r.workload, r.target): r.summary() for r in results}
+    by = combined(results)
     names = list(dict.fromkeys(r.workload for r in results))
     lines = ["| workload | " + " | ".join(targets) + " | iris / vllm req/s |",
              "|---|" + "---|" * (len(targets) + 1)]
@@ -140,8 +174,11 @@ def markdown(results: list[Result], targets: list[str]) -> str:
         cells = []
         for t in targets:
             s = by.get((w, t))
+            spread = ""
+            if s is not None and s["rounds"] > 1:
+                spread = " ({}-{})".format(*s["req_per_s_range"])
             cells.append("n/a" if s is None else
-                         f"{s['req_per_s']} req/s, TTFT p50 {s['ttft_p50_ms']} ms, "
+                         f"{s['req_per_s']} req/s{spread}, TTFT p50 {s['ttft_p50_ms']} ms, "
                          f"p99 {s['ttft_p99_ms']} ms" + (f", {s['errors']} errors"
                                                          if s["errors"] else ""))
         ratio = ""
@@ -155,9 +192,11 @@ def cpu_markdown(cpu: list[dict[str, Any]]) -> str:
     """Per-process CPU ms per request: where each server's time goes."""
     lines = ["| workload | server | total CPU ms/request | by process (ms/request) |",
              "|---|---|---|---|"]
+    rounds = any(row.get("round", 1) > 1 for row in cpu)
     for row in cpu:
         top = ", ".join(f"{k} {v}" for k, v in list(row["cpu_ms"].items())[:7])
-        lines.append(f"| {row['workload']} | {row['target']} | "
+        server = f"{row['target']} (round {row['round']})" if rounds else row["target"]
+        lines.append(f"| {row['workload']} | {server} | "
                      f"{round(sum(row['cpu_ms'].values()), 1)} | {top} |")
     return "\n".join(lines) + "\n"
 
@@ -169,7 +208,7 @@ def plot(results: list[Result], targets: list[str], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r.workload for r in results))
-    by = {(r.workload, r.target): r.summary() for r in results}
+    by = combined(results)
     files = []
     for metric, label in (("req_per_s", "throughput (req/s)"), ("ttft_p50_ms", "TTFT p50 (ms)"),
                           ("ttft_p99_ms", "TTFT p99 (ms)")):
@@ -202,6 +241,9 @@ def main() -> int:
                    metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="also run Iris with these settings, as target iris-NAME (e.g. "
                    "proxy:IRIS_HTTP__DIRECT_INGRESS=false): one optimisation's effect")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole sequence, each round starting with another server; "
+                   "report medians (the machine's speed drifts between servers)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -214,10 +256,12 @@ def main() -> int:
     loads = workloads(args.requests, args.concurrency, args.max_tokens)
     results: list[Result] = []
     cpu: list[dict[str, Any]] = []
-    for server in servers(targets, iris_env, variants):
-        print(f">> [{server.name}] starting on port {server.port} (log: {out}/{server.name}.log)",
-              flush=True)
-        server.start(out / f"{server.name}.log")
+    plan = [(k, t) for k in range(args.rounds) for t in rotated(targets, k)]
+    for k, server in ((k, servers([t], iris_env, variants)[0]) for k, t in plan):
+        log = out / (f"{server.name}.log" if args.rounds == 1 else f"{server.name}-{k + 1}.log")
+        print(f">> [{server.name}] round {k + 1}/{args.rounds}: starting on port {server.port} "
+              f"(log: {log})", flush=True)
+        server.start(log)
         try:
             print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
             for w in loads:
@@ -229,7 +273,8 @@ def main() -> int:
                 r = asyncio.run(run_workload(server.base_url, MODEL_ID, w, server.name))
                 used = CpuMeter.per_request_ms(before, meter.snapshot(), w.requests)
                 results.append(r)
-                cpu.append({"workload": w.name, "target": server.name, "cpu_ms": used})
+                cpu.append({"workload": w.name, "target": server.name, "round": k + 1,
+                            "cpu_ms": used})
                 print(f">> [{server.name}] {json.dumps(r.summary())}", flush=True)
                 print(f"   CPU ms/request: {json.dumps(dict(list(used.items())[:7]))}",
                       flush=True)
@@ -244,14 +289,18 @@ def main() -> int:
     note = (f"Same machine, model {MODEL_ID}, concurrency {args.concurrency} (and 1 for -c1), "
             f"{args.requests} requests, {args.max_tokens} output tokens (ignore_eos), the same "
             f"image every request, sent as a data: URI. Iris env: {iris_env or 'defaults'}"
-            + "".join(f"; {n}: {e}" for n, e in variants.items()) + ".\n\n")
+            + "".join(f"; {n}: {e}" for n, e in variants.items()) + "."
+            + (f" Medians over {args.rounds} rounds, req/s range in brackets; each round "
+               "started with a different server." if args.rounds > 1 else "") + "\n\n")
     cpu_note = ("\n## Where the CPU goes\n\nCPU time of each server's processes during "
                 "the measured requests, per request. vLLM's model worker busy-polls for work, "
                 "so its figure includes spinning and grows into whatever CPU is idle.\n\n")
     (out / "results.md").write_text("# Iris vs vLLM vs Ray Serve LLM\n\n" + note + table
                                     + cpu_note + cpu_markdown(cpu))
     (out / "results.json").write_text(json.dumps(
-        {"results": [r.summary() for r in results], "cpu_ms_per_request": cpu}, indent=2))
+        {"results": [r.summary() for r in results],
+         "combined": list(combined(results).values()),
+         "cpu_ms_per_request": cpu}, indent=2))
     plots = plot(results, targets, out)
     print("\n" + table, flush=True)
     print(f">> wrote {out / 'results.md'} and {', '.join(p.name for p in plots)}", flush=True)
