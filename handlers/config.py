@@ -53,9 +53,10 @@ class EngineSettings(_Strict):
     cpu_cores: CpuCores = Field(
         "off",
         description="CPU engines only (vLLM's CPU backend, one shard), applied when Iris "
-        "starts Ray (`make serve`): the engine's worker binds the first cpu_cores cores and "
-        "Ray, with every replica, the rest, so the worker's busy polling never shares a core "
-        "with request handling. auto: half the cores. off: leave placement to vLLM and the OS.",
+        "starts Ray (`make serve`): the engine's worker and its core process (the scheduler, "
+        "which takes turns with it) get the first cpu_cores cores, and Ray, with every "
+        "replica, the rest, so the worker's busy polling never shares a core with request "
+        "handling. auto: half the cores. off: leave placement to vLLM and the OS.",
     )
 
     @field_validator("cpu_cores")
