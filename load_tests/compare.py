@@ -5,11 +5,13 @@ writes a Markdown table and PNG plots under the results folder.
 
     .venv/bin/python -m load_tests.compare [--targets vllm,rayllm,iris] [--requests 40]
         [--concurrency 4] [--max-tokens 8] [--iris-env IRIS_IMAGING__FIDELITY=fast]
-        [--iris-variant proxy:IRIS_HTTP__DIRECT_INGRESS=false] [--rounds 3]
+        [--iris-variant proxy:IRIS_HTTP__DIRECT_INGRESS=false] [--rounds 3] [--interleave]
 
 A shared machine's speed drifts by tens of percent over minutes, and the servers run
 minutes apart: --rounds N repeats the whole sequence N times, each round starting with a
 different server, and reports each number's median over the rounds with the req/s range.
+--interleave starts every server first and runs each workload on one after another, so
+the servers are measured seconds apart; what the idle ones cost is reported.
 
 The peers cannot read s3://, so every workload sends images as data: URIs.
 """
@@ -27,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -136,7 +138,10 @@ def workloads(requests: int, concurrency: int, max_tokens: int) -> list[Workload
     ]
 
 
-def rotated(targets: list[str], round_: int) -> list[str]:
+T = TypeVar("T")
+
+
+def rotated(targets: list[T], round_: int) -> list[T]:
     """Round k starts with the k-th server, so none always runs first (or last)."""
     k = round_ % max(1, len(targets))
     return targets[k:] + targets[:k]
@@ -229,6 +234,85 @@ def plot(results: list[Result], targets: list[str], out: Path) -> list[Path]:
     return files
 
 
+def measure(server: Server, loads: list[Workload], warmup: int, round_: int,
+            results: list[Result], cpu: list[dict[str, Any]]) -> None:
+    """Warm up, then run each workload once against a ready server, with its CPU."""
+    for w in loads:
+        warm = Workload(w.name, w.image_urls, w.concurrency, warmup, w.max_tokens)
+        asyncio.run(run_workload(server.base_url, MODEL_ID, warm, server.name))
+        assert server.proc is not None
+        meter = CpuMeter(server.proc.pid)
+        before = meter.snapshot()
+        r = asyncio.run(run_workload(server.base_url, MODEL_ID, w, server.name))
+        used = CpuMeter.per_request_ms(before, meter.snapshot(), w.requests)
+        results.append(r)
+        cpu.append({"workload": w.name, "target": server.name, "round": round_ + 1,
+                    "cpu_ms": used})
+        print(f">> [{server.name}] {json.dumps(r.summary())}", flush=True)
+        print(f"   CPU ms/request: {json.dumps(dict(list(used.items())[:7]))}", flush=True)
+        for e in r.errors[:3]:
+            print(f"   error: {e}", flush=True)
+
+
+def run_in_turn(targets: list[str], iris_env: dict[str, str],
+                variants: dict[str, dict[str, str]], loads: list[Workload],
+                args: argparse.Namespace, out: Path, results: list[Result],
+                cpu: list[dict[str, Any]]) -> None:
+    """One server at a time: start it, run every workload, stop it; round after round."""
+    plan = [(k, t) for k in range(args.rounds) for t in rotated(targets, k)]
+    for k, server in ((k, servers([t], iris_env, variants)[0]) for k, t in plan):
+        log = out / (f"{server.name}.log" if args.rounds == 1 else f"{server.name}-{k + 1}.log")
+        print(f">> [{server.name}] round {k + 1}/{args.rounds}: starting on port {server.port} "
+              f"(log: {log})", flush=True)
+        server.start(log)
+        try:
+            print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
+            measure(server, loads, args.warmup, k, results, cpu)
+        except Exception as exc:
+            print(f">> [{server.name}] failed: {exc}", flush=True)
+        finally:
+            print(f">> [{server.name}] stopping", flush=True)
+            server.stop()
+
+
+def idle_cpu(started: list[Server], seconds: float = 10) -> dict[str, float]:
+    """CPU ms per second each server uses with no traffic: what it takes from the others."""
+    meters = {s.name: CpuMeter(s.proc.pid) for s in started if s.proc is not None}
+    before = {name: m.snapshot() for name, m in meters.items()}
+    time.sleep(seconds)
+    return {name: round(sum(CpuMeter.per_request_ms(before[name], m.snapshot(),
+                                                    int(seconds)).values()), 1)
+            for name, m in meters.items()}
+
+
+def run_interleaved(targets: list[str], iris_env: dict[str, str],
+                    variants: dict[str, dict[str, str]], loads: list[Workload],
+                    args: argparse.Namespace, out: Path, results: list[Result],
+                    cpu: list[dict[str, Any]]) -> dict[str, float]:
+    """All servers up at once, each workload run against one after another, round after
+    round: the machine's drift hits every server alike. Returns their idle CPU (ms/s)."""
+    started = servers(targets, iris_env, variants)
+    try:
+        for server in started:
+            print(f">> [{server.name}] starting on port {server.port} "
+                  f"(log: {out}/{server.name}.log)", flush=True)
+            server.start(out / f"{server.name}.log")
+            print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
+        idle = idle_cpu(started)
+        print(f">> idle CPU, ms per second: {json.dumps(idle)}", flush=True)
+        for k in range(args.rounds):
+            for w in loads:
+                for server in rotated(started, k):
+                    print(f">> round {k + 1}/{args.rounds}: {w.name} on {server.name}",
+                          flush=True)
+                    measure(server, [w], args.warmup, k, results, cpu)
+        return idle
+    finally:
+        for server in started:
+            print(f">> [{server.name}] stopping", flush=True)
+            server.stop()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--targets", default="vllm,rayllm,iris")
@@ -244,6 +328,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole sequence, each round starting with another server; "
                    "report medians (the machine's speed drifts between servers)")
+    p.add_argument("--interleave", action="store_true",
+                   help="start every server first, then run each workload on one after "
+                   "another (needs memory for all at once; their idle CPU is reported)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -256,42 +343,20 @@ def main() -> int:
     loads = workloads(args.requests, args.concurrency, args.max_tokens)
     results: list[Result] = []
     cpu: list[dict[str, Any]] = []
-    plan = [(k, t) for k in range(args.rounds) for t in rotated(targets, k)]
-    for k, server in ((k, servers([t], iris_env, variants)[0]) for k, t in plan):
-        log = out / (f"{server.name}.log" if args.rounds == 1 else f"{server.name}-{k + 1}.log")
-        print(f">> [{server.name}] round {k + 1}/{args.rounds}: starting on port {server.port} "
-              f"(log: {log})", flush=True)
-        server.start(log)
-        try:
-            print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
-            for w in loads:
-                warm = Workload(w.name, w.image_urls, w.concurrency, args.warmup, w.max_tokens)
-                asyncio.run(run_workload(server.base_url, MODEL_ID, warm, server.name))
-                assert server.proc is not None
-                meter = CpuMeter(server.proc.pid)
-                before = meter.snapshot()
-                r = asyncio.run(run_workload(server.base_url, MODEL_ID, w, server.name))
-                used = CpuMeter.per_request_ms(before, meter.snapshot(), w.requests)
-                results.append(r)
-                cpu.append({"workload": w.name, "target": server.name, "round": k + 1,
-                            "cpu_ms": used})
-                print(f">> [{server.name}] {json.dumps(r.summary())}", flush=True)
-                print(f"   CPU ms/request: {json.dumps(dict(list(used.items())[:7]))}",
-                      flush=True)
-                for e in r.errors[:3]:
-                    print(f"   error: {e}", flush=True)
-        except Exception as exc:
-            print(f">> [{server.name}] failed: {exc}", flush=True)
-        finally:
-            print(f">> [{server.name}] stopping", flush=True)
-            server.stop()
+    if args.interleave:
+        idle = run_interleaved(targets, iris_env, variants, loads, args, out, results, cpu)
+    else:
+        idle = {}
+        run_in_turn(targets, iris_env, variants, loads, args, out, results, cpu)
     table = markdown(results, targets)
     note = (f"Same machine, model {MODEL_ID}, concurrency {args.concurrency} (and 1 for -c1), "
             f"{args.requests} requests, {args.max_tokens} output tokens (ignore_eos), the same "
             f"image every request, sent as a data: URI. Iris env: {iris_env or 'defaults'}"
             + "".join(f"; {n}: {e}" for n, e in variants.items()) + "."
             + (f" Medians over {args.rounds} rounds, req/s range in brackets; each round "
-               "started with a different server." if args.rounds > 1 else "") + "\n\n")
+               "started with a different server." if args.rounds > 1 else "")
+            + (" Interleaved: all servers ran at once and took turns per workload; with no "
+               f"traffic they used {idle} CPU ms per second." if idle else "") + "\n\n")
     cpu_note = ("\n## Where the CPU goes\n\nCPU time of each server's processes during "
                 "the measured requests, per request. vLLM's model worker busy-polls for work, "
                 "so its figure includes spinning and grows into whatever CPU is idle.\n\n")
