@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.metrics import metrics, record_error
 from deployments.preprocessor import PreparedImage
+from handlers import json_body
 from handlers.asgi import CancelledReceiveIsDisconnect
 from handlers.auth import BearerAuth
 from handlers.cache import SizedLRU
@@ -278,7 +279,7 @@ class ChatIngress:
                 raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            return json_body.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
 
