@@ -291,12 +291,15 @@ def run_interleaved(targets: list[str], iris_env: dict[str, str],
                     cpu: list[dict[str, Any]]) -> dict[str, float]:
     """All servers up at once, each workload run against one after another, round after
     round: the machine's drift hits every server alike. Returns their idle CPU (ms/s)."""
-    started = servers(targets, iris_env, variants)
+    started: list[Server] = []
     try:
-        for server in started:
+        for target in targets:
+            # Its port is picked only now: servers already up hold ports of their own.
+            server = servers([target], iris_env, variants)[0]
             print(f">> [{server.name}] starting on port {server.port} "
                   f"(log: {out}/{server.name}.log)", flush=True)
             server.start(out / f"{server.name}.log")
+            started.append(server)
             print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
         idle = idle_cpu(started)
         print(f">> idle CPU, ms per second: {json.dumps(idle)}", flush=True)
@@ -356,7 +359,9 @@ def main() -> int:
             + (f" Medians over {args.rounds} rounds, req/s range in brackets; each round "
                "started with a different server." if args.rounds > 1 else "")
             + (" Interleaved: all servers ran at once and took turns per workload; with no "
-               f"traffic they used {idle} CPU ms per second." if idle else "") + "\n\n")
+               "traffic they used, in CPU ms per second, "
+               + ", ".join(f"{n} {ms}" for n, ms in idle.items()) + "." if idle else "")
+            + "\n\n")
     cpu_note = ("\n## Where the CPU goes\n\nCPU time of each server's processes during "
                 "the measured requests, per request. vLLM's model worker busy-polls for work, "
                 "so its figure includes spinning and grows into whatever CPU is idle.\n\n")
