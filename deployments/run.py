@@ -21,6 +21,10 @@ from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pin
 _direct_ingress_port: int | None = None
 
 
+def _socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
 class PortInUse(RuntimeError):
     """A port Iris is configured to serve on is taken by another process."""
 
@@ -32,7 +36,7 @@ def holding(host: str, ports: list[int]) -> Iterator[None]:
     socks: list[socket.socket] = []
     try:
         for port in ports:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock = _socket(host)
             socks.append(sock)
             try:
                 sock.bind((host, port))
@@ -70,8 +74,7 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     try:
         with pinned(split[1] if split else []), holding(http.host, ports):
             ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
-        direct = cfg.http.direct_ingress and new_instance
-        _direct_ingress_port = cfg.http.port if direct else None
+        _direct_ingress_port = http.port if http.direct_ingress and new_instance else None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -81,7 +84,7 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
 
 
 def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with _socket(host) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

@@ -35,12 +35,17 @@ def split_cores(cores: list[int], engine: CpuCores) -> tuple[list[int], list[int
     return cores[:n], cores[n:]
 
 
+def _iris_places(engine: EngineSettings) -> bool:
+    """engine.cpu_cores is on, the engine has one shard, and the user did not place its
+    worker (VLLM_CPU_OMP_THREADS_BIND in engine.env)."""
+    return (engine.cpu_cores != "off"
+            and engine.tensor_parallel_size * engine.pipeline_parallel_size == 1
+            and OMP_BIND_ENV not in engine.env)
+
+
 def engine_core_split(engine: EngineSettings) -> tuple[list[int], list[int]] | None:
-    """engine.cpu_cores on this machine, unless the engine has several shards or the
-    user placed its worker (VLLM_CPU_OMP_THREADS_BIND in engine.env)."""
-    if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1 or (
-        OMP_BIND_ENV in engine.env
-    ):
+    """engine.cpu_cores on this machine, when Iris places the engine at all."""
+    if not _iris_places(engine):
         return None
     return split_cores(available_cores(), engine.cpu_cores)
 
@@ -55,7 +60,7 @@ def engine_process_cores(engine: EngineSettings, environ: dict[str, str]) -> lis
     environment Ray started with), for the engine's core process to join; [] if Iris
     did not place the engine."""
     bind = environ.get(OMP_BIND_ENV, "")
-    if engine.cpu_cores == "off" or OMP_BIND_ENV in engine.env or not bind:
+    if not _iris_places(engine) or not bind:
         return []
     try:
         return sorted({int(c) for c in bind.split(",")})
