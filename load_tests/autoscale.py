@@ -53,7 +53,7 @@ from load_tests.cluster import (
     start_cluster,
     total,
 )
-from load_tests.workload import StreamResult, chat_body, stream_chat
+from load_tests.workload import StreamResult, chat_body, encoded, stream_chat
 from tests.images import data_uri, encode, pattern
 from tests.servers import free_port
 
@@ -185,7 +185,7 @@ async def status(out: Outcome) -> dict[str, dict[str, int]]:
     return counts
 
 
-async def cold_start(client: httpx.AsyncClient, url: str, bodies: list[dict[str, Any]],
+async def cold_start(client: httpx.AsyncClient, url: str, bodies: list[bytes],
                      plan: Plan, out: Outcome, tally: Tally) -> None:
     counts = await status(out)
     if total(counts, LLM) != 0:
@@ -221,7 +221,7 @@ async def cold_start(client: httpx.AsyncClient, url: str, bodies: list[dict[str,
                     f"{sum(r.ok for r in results)}")
 
 
-async def load(client: httpx.AsyncClient, url: str, bodies: list[dict[str, Any]], plan: Plan,
+async def load(client: httpx.AsyncClient, url: str, bodies: list[bytes], plan: Plan,
                out: Outcome, tally: Tally, handle: Any) -> None:
     out.llm_nodes |= await llm_node_ids(handle)
     log("load", f"LLMServer node(s) so far: {sorted(n[:8] for n in out.llm_nodes)}; "
@@ -303,7 +303,7 @@ async def scenario(plan: Plan, cfg: Any, api_key: str, out: Outcome, tally: Tall
 
     base = f"http://{cfg.http.host}:{cfg.http.port}/v1"
     url = f"{base}/chat/completions"
-    bodies = [chat_body(cfg.model.id, img, plan.max_tokens) for img in images()]
+    bodies = [encoded(chat_body(cfg.model.id, img, plan.max_tokens)) for img in images()]
     handle = serve.get_deployment_handle(LLM, APP_NAME)
     timeout = httpx.Timeout(plan.cold_timeout_s, connect=10)
     limits = httpx.Limits(max_connections=plan.concurrency + 4)
