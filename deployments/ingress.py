@@ -6,6 +6,7 @@ module globals defined after it are not there in the replica."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.llm_server import EngineHost
 from deployments.metrics import metrics, record_error
 from deployments.preprocessor import PreparedImage
 from handlers import json_body
@@ -132,6 +134,33 @@ async def data_uri_key(url: str, detail: str) -> tuple[str, str]:
     return digest, detail
 
 
+class LocalChat:
+    """The in-process engine's events (deployments.engine_in_ingress), shaped like the Serve
+    response generator of the LLMServer hop (`__anext__`, `cancel`): one code path for both."""
+
+    def __init__(self, events: AsyncIterator[Any]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> LocalChat:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._events.__anext__()
+
+    def cancel(self) -> None:
+        # Closing the generator runs its finally blocks, which abort the engine request.
+        async def close() -> None:
+            with contextlib.suppress(RuntimeError):  # still running: its cancel closes it
+                await self._events.aclose()
+
+        task = asyncio.ensure_future(close())
+        _closing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()
+
+
 def _request_id() -> str:
     """Serve's request id (the client's x-request-id, or one Serve generated)."""
     try:
@@ -145,13 +174,15 @@ def _request_id() -> str:
 @serve.deployment(name="ChatIngress")
 @serve.ingress(app)
 class ChatIngress:
-    def __init__(
-        self, config: IrisConfig, preprocessor: DeploymentHandle, llm: DeploymentHandle
+    async def __init__(
+        self, config: IrisConfig, preprocessor: DeploymentHandle, llm: DeploymentHandle | None
     ) -> None:
         self._cfg = config
         self._model_id = config.model.id
         self._prep = preprocessor
         self._llm = llm
+        # No LLMServer handle: the engine runs here (deployments.engine_in_ingress).
+        self._engine = await EngineHost.start(config, in_ingress=True) if llm is None else None
         self._created = int(time.time())
         # Prepared-pixel refs of recent data: URIs. A repeat skips the preprocessor round
         # trip (~20 ms on 2 cores); holding the ref keeps the pixels in the object store.
@@ -169,11 +200,19 @@ class ChatIngress:
     async def ready(self) -> JSONResponse:
         """Readiness: the engine can serve."""
         try:
-            await asyncio.wait_for(self._llm.check_health.remote(), 10)
+            health = (self._engine.check_health() if self._engine is not None
+                      else self._llm.check_health.remote())  # type: ignore[union-attr]
+            await asyncio.wait_for(health, 10)
         except Exception:
             err = Overloaded("The engine is not ready.", code="not_ready")
             return JSONResponse(err.envelope(), status_code=503)
         return JSONResponse({"status": "ready"})
+
+    async def stats(self) -> dict[str, int | str]:
+        """The engine's load, for Serve handle callers (not an HTTP route)."""
+        if self._engine is not None:
+            return self._engine.stats()
+        return await self._llm.stats.remote()  # type: ignore[union-attr,no-any-return]
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -224,7 +263,7 @@ class ChatIngress:
         body["request_id"] = f"{rid}-{uuid.uuid4().hex[:8]}"
 
         sent = time.perf_counter()
-        gen = self._llm.options(stream=True).chat.remote(body, images)
+        gen = self._open_chat(body, images)
         try:
             kind, payload = await gen.__anext__()
             m.stage("queue", time.perf_counter() - sent)
@@ -247,6 +286,11 @@ class ChatIngress:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    def _open_chat(self, body: dict[str, Any], images: list[PreparedImage]) -> Any:
+        if self._engine is not None:
+            return LocalChat(self._engine.chat(body, images))
+        return self._llm.options(stream=True).chat.remote(body, images)  # type: ignore[union-attr]
 
     async def _prepare(self, ref: ImageRef) -> PreparedImage:
         key = None

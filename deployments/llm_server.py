@@ -14,6 +14,7 @@ import ray
 from ray import serve
 
 from deployments.preprocessor import PreparedImage
+from handlers.admission import Admission
 from handlers.config import IrisConfig
 from handlers.cpu_affinity import engine_process_cores, pinned
 from handlers.engine import ChatEngine, Event, VllmChatEngine, engine_placement
@@ -51,20 +52,35 @@ def keep_serve_log_handlers(name: str = "ray.serve") -> Iterator[None]:
                 handler.setTarget(target)  # a closed FileHandler reopens on its next write
 
 
-@serve.deployment(name="LLMServer")
-class LLMServer:
-    async def __init__(self, config: IrisConfig) -> None:
+class EngineHost:
+    """One vLLM engine in this process and the chat calls it answers: LLMServer's body, and
+    ChatIngress's own engine with deployments.engine_in_ingress."""
+
+    def __init__(
+        self, engine: ChatEngine, batch_s: float, admission: Admission | None = None
+    ) -> None:
+        self._engine = engine
+        self._batch_s = batch_s
+        self._admission = admission
+
+    @classmethod
+    async def start(cls, config: IrisConfig, in_ingress: bool = False) -> EngineHost:
+        """in_ingress: no Serve queue in front of this engine, so apply deployments.llm's
+        max_ongoing_requests / max_queued_requests here."""
         os.environ.update(config.engine.env)
         # The engine's core process starts here and inherits these cores (engine.cpu_cores).
         cores = engine_process_cores(config.engine, dict(os.environ))
         with keep_serve_log_handlers(), pinned(cores):
-            self._engine: ChatEngine = await VllmChatEngine.start(config)
-        self._batch_s = config.http.stream_batch_ms / 1000
+            engine = await VllmChatEngine.start(config)
+        llm = config.deployments.llm
+        admission = (Admission(llm.max_ongoing_requests, llm.max_queued_requests)
+                     if in_ingress and llm.max_ongoing_requests else None)
+        return cls(engine, config.http.stream_batch_ms / 1000, admission)
 
     async def check_health(self) -> None:
         await self._engine.check_health()
 
-    async def stats(self) -> dict[str, int | str]:
+    def stats(self) -> dict[str, int | str]:
         return {
             "unfinished_requests": self._engine.num_unfinished(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -75,11 +91,31 @@ class LLMServer:
     ) -> AsyncIterator[Event]:
         """Yields ("json", dict) | ("error", IrisError) | ("sse", str) events."""
         try:
-            # Pixels come straight from the preprocessor's object store entries.
-            arrays = await asyncio.gather(*(img.ref for img in images)) if images else []
-            pairs = [(arr, img.uuid) for arr, img in zip(arrays, images, strict=True)]
-            async for event in batch_sse(self._engine.chat(body, pairs), self._batch_s):
-                yield event
+            async with (self._admission.slot() if self._admission is not None
+                        else contextlib.nullcontext()):
+                # Pixels come straight from the preprocessor's object store entries.
+                arrays = await asyncio.gather(*(img.ref for img in images)) if images else []
+                pairs = [(arr, img.uuid) for arr, img in zip(arrays, images, strict=True)]
+                async for event in batch_sse(self._engine.chat(body, pairs), self._batch_s):
+                    yield event
         except Exception as exc:  # CancelledError is not an Exception: cancels propagate
             yield "error", to_error(exc)
 
+
+@serve.deployment(name="LLMServer")
+class LLMServer:
+    async def __init__(self, config: IrisConfig) -> None:
+        self._host = await EngineHost.start(config)
+
+    async def check_health(self) -> None:
+        await self._host.check_health()
+
+    async def stats(self) -> dict[str, int | str]:
+        return self._host.stats()
+
+    async def chat(
+        self, body: dict[str, Any], images: list[PreparedImage]
+    ) -> AsyncIterator[Event]:
+        """Yields ("json", dict) | ("error", IrisError) | ("sse", str) events."""
+        async for event in self._host.chat(body, images):
+            yield event

@@ -193,6 +193,15 @@ class DeploymentsSettings(_Strict):
         ),
         description="LLMServer (vLLM engine).",
     )
+    engine_in_ingress: bool = Field(
+        False,
+        description="Run the vLLM engine inside the ChatIngress replica instead of its own "
+        "LLMServer deployment: one Ray Serve hop less per request (less CPU and latency on "
+        "a small machine), but the engine then scales with the HTTP tier. ChatIngress takes "
+        "llm's resources, placement and autoscaling, keeps ingress's max_ongoing_requests "
+        "and max_queued_requests for HTTP, and applies llm's to the engine inside (beyond "
+        "them requests are refused with 503, as Serve does in front of LLMServer).",
+    )
 
 
 # Ray Serve reads this at import time in every Ray process, so it must be in the

@@ -1,11 +1,16 @@
-"""relay_stream's promises, with a fake engine stream (no Ray cluster needed)."""
+"""relay_stream's promises, with a fake engine stream and with the in-process engine's
+adapter (no Ray cluster needed)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
-from deployments.ingress import relay_stream
+from deployments.ingress import LocalChat, relay_stream
 from handlers.errors import InvalidRequest
 from tests.fakes import FakeStream
 
@@ -59,3 +64,46 @@ async def test_client_going_away_cancels_the_engine_stream() -> None:
     assert await stream.__anext__() == "data: a\n\n"
     await stream.aclose()  # what Starlette does when the client disconnects
     assert gen.cancelled
+
+
+async def _engine_events(closed: asyncio.Event, hang: bool = False) -> AsyncIterator[Any]:
+    """What EngineHost.chat looks like from the ingress: events, then (maybe) a wait."""
+    try:
+        yield ("sse", "data: a\n\n")
+        if hang:
+            await asyncio.Event().wait()
+        yield ("sse", "data: [DONE]\n\n")
+    finally:
+        closed.set()  # where the engine request is aborted
+
+
+async def test_in_process_engine_stream_is_relayed_like_the_serve_one() -> None:
+    closed = asyncio.Event()
+    chunks = await collect(LocalChat(_engine_events(closed)))  # type: ignore[arg-type]
+    assert chunks == ["data: first\n\n", "data: a\n\n", "data: [DONE]\n\n"]
+    assert closed.is_set()
+
+
+async def test_client_going_away_closes_the_in_process_engine_stream() -> None:
+    closed = asyncio.Event()
+    gen = LocalChat(_engine_events(closed, hang=True))
+    stream = relay_stream("data: first\n\n", gen, time.monotonic() + 30, time.perf_counter())
+    assert await stream.__anext__() == "data: first\n\n"
+    assert await stream.__anext__() == "data: a\n\n"
+    await stream.aclose()
+    await asyncio.wait_for(closed.wait(), 2)
+
+
+async def test_cancel_while_the_engine_stream_is_being_read_is_harmless() -> None:
+    closed = asyncio.Event()
+    gen = LocalChat(_engine_events(closed, hang=True))
+    assert await gen.__anext__() == ("sse", "data: a\n\n")
+    reading = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0.05)
+    gen.cancel()  # the generator is running: closing it now must not raise anywhere
+    await asyncio.sleep(0.05)
+    assert not closed.is_set() and not reading.done()
+    reading.cancel()  # what relay_stream's timeout does to the read in flight
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    await asyncio.wait_for(closed.wait(), 2)

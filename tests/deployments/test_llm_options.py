@@ -42,3 +42,30 @@ def test_engine_args_use_ray_executor_when_sharded() -> None:
     assert "--distributed-executor-backend" not in engine_cli_args(cfg())
     args = engine_cli_args(cfg(tensor_parallel_size=2))
     assert args[args.index("--distributed-executor-backend") + 1] == "ray"
+
+
+def _ingress(engine_in_ingress: bool):  # type: ignore[no-untyped-def]
+    from deployments.app import build_app
+
+    c = cfg()
+    d = c.deployments.model_copy(update={"engine_in_ingress": engine_in_ingress})
+    return build_app(c.model_copy(update={"deployments": d}))._bound_deployment
+
+
+def test_by_default_chat_ingress_calls_a_separate_llm_server() -> None:
+    ingress = _ingress(False)
+    assert ingress.init_args[2]._bound_deployment.name == "LLMServer"  # a handle at run time
+    assert ingress.ray_actor_options["num_cpus"] == 0.5
+    assert "num_gpus" not in ingress.ray_actor_options
+
+
+def test_engine_in_ingress_gives_chat_ingress_the_engine_and_its_resources() -> None:
+    ingress = _ingress(True)
+    assert ingress.name == "ChatIngress"
+    assert ingress.init_args[2] is None  # no LLMServer: the replica starts the engine itself
+    assert ingress.ray_actor_options["num_gpus"] == 1
+    assert ingress.ray_actor_options["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert ingress._replica_config.placement_group_bundles == [{"CPU": 2, "GPU": 1}]
+    assert ingress._deployment_config.autoscaling_config.max_replicas == 3
+    # HTTP concurrency stays the ingress's; the engine's limits apply inside the replica.
+    assert ingress.max_ongoing_requests == 256

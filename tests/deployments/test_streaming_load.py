@@ -14,17 +14,18 @@ from tests.conftest import LLM_MAX_ONGOING, LLM_MAX_QUEUED
 from tests.deployments.test_api_contract import AUTH, good_body
 
 
+# ChatIngress reports the engine's load in either layout (its own engine, or LLMServer's).
 def engine_unfinished(app_name: str) -> int:
     from ray import serve
 
-    handle = serve.get_deployment_handle("LLMServer", app_name)
+    handle = serve.get_deployment_handle("ChatIngress", app_name)
     return int(handle.stats.remote().result()["unfinished_requests"])
 
 
 async def engine_unfinished_async(app_name: str) -> int:
     from ray import serve
 
-    handle = serve.get_deployment_handle("LLMServer", app_name)
+    handle = serve.get_deployment_handle("ChatIngress", app_name)
     return int((await handle.stats.remote())["unfinished_requests"])
 
 

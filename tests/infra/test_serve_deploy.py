@@ -1,13 +1,15 @@
-"""The generated Serve config deploys with `serve deploy` on a real local Ray cluster.
+"""The generated Serve config deploys with `serve deploy` on a real local Ray cluster, in both
+layouts (the engine in its own LLMServer deployment, and inside ChatIngress).
 
 The config is made by scripts/gen_infra.py's own functions (the code path of infra/serve.yaml)
 from infra/local.yaml, the demo model on this machine's CPU. A separate head node is started
 with the `ray start` CLI in its own process group, on its own ports and temp dir, so it never
 touches a Ray instance the test session itself may run in-process; teardown kills that group
-(never `ray stop`, which would stop every Ray on the machine). Slow: one vLLM engine start."""
+(never `ray stop`, which would stop every Ray on the machine). Slow: two vLLM engine starts."""
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import shutil
@@ -200,41 +202,71 @@ def _wait_running(cluster: Cluster, app_name: str) -> None:
     pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S:.0f} s:\n{yaml.safe_dump(status)}")
 
 
+def _other_layout(app: dict[str, Any]) -> dict[str, Any]:
+    """The same application in the other layout (deployments.engine_in_ingress flipped),
+    under its own route prefix."""
+    other = copy.deepcopy(app)
+    other["name"] = f"{app['name']}-other"
+    other["route_prefix"] = "/other"
+    deployments = other["args"]["deployments"]
+    deployments["engine_in_ingress"] = not deployments["engine_in_ingress"]
+    return other
+
+
+def _chat(client: httpx.Client, prefix: str, model: str, stream: bool) -> httpx.Response:
+    image = data_uri(encode(pattern(64, 48, seed=3)))
+    body = {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this image?"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
+            }
+        ],
+        "max_tokens": 4,
+        "stream": stream,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return client.post(f"{prefix}/v1/chat/completions", json=body, headers=headers)
+
+
 def test_serve_deploy_on_a_local_ray_cluster(ray_cluster: Cluster, tmp_path: Path) -> None:
+    """Both layouts from one config file: infra/local.yaml's at /, the other at /other (the
+    engine inside ChatIngress, or in its own LLMServer deployment)."""
     http_port = free_port()
     config = _local_serve_config(http_port)
     (app,) = config["applications"]
     assert config["http_options"] == {"host": HOST, "port": http_port}
     assert app["import_path"] == gen.IMPORT_PATH and "api_key" not in app["args"]
     assert app["args"]["engine"]["env"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    other = _other_layout(app)
+    config["applications"].append(other)
     config_path = tmp_path / "serve.yaml"
     config_path.write_text(gen.dump_yaml(config))
 
     t0 = time.monotonic()
     _serve(ray_cluster, "deploy", str(config_path))
     _wait_running(ray_cluster, app["name"])
+    _wait_running(ray_cluster, other["name"])
     deployed_s = time.monotonic() - t0
+    apps = (yaml.safe_load(_serve(ray_cluster, "status")) or {})["applications"]
+    for a in (app, other):
+        fused = a["args"]["deployments"]["engine_in_ingress"]
+        assert ("LLMServer" in apps[a["name"]]["deployments"]) is not fused
 
-    base = f"http://{HOST}:{http_port}"
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.Client(base_url=base, timeout=120) as client:
+    model = app["args"]["model"]["id"]
+    with httpx.Client(base_url=f"http://{HOST}:{http_port}", timeout=120) as client:
         # The key comes from the nodes' IRIS_API_KEY, not from the generated args.
         assert client.get("/v1/models").status_code == 401
-        image = data_uri(encode(pattern(64, 48, seed=3)))
-        body = {
-            "model": app["args"]["model"]["id"],
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": "What is in this image?"},
-                        {"type": "image_url", "image_url": {"url": image}},
-                    ],
-                }
-            ],
-            "max_tokens": 4,
-        }
-        resp = client.post("/v1/chat/completions", json=body, headers=headers)
-    assert resp.status_code == 200, resp.text
-    assert resp.json()["usage"]["completion_tokens"] >= 1
-    print(f"\n[serve deploy] app RUNNING in {deployed_s:.0f} s", file=sys.stderr)
+        for prefix in ("", "/other"):
+            resp = _chat(client, prefix, model, stream=False)
+            assert resp.status_code == 200, f"{prefix or '/'}: {resp.text}"
+            assert resp.json()["usage"]["completion_tokens"] >= 1
+            streamed = _chat(client, prefix, model, stream=True)
+            assert streamed.status_code == 200, streamed.text
+            assert streamed.text.count('"delta"') >= 2
+            assert streamed.text.endswith("data: [DONE]\n\n")
+    print(f"\n[serve deploy] both apps RUNNING in {deployed_s:.0f} s", file=sys.stderr)
