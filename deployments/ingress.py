@@ -145,7 +145,12 @@ class LocalChat:
         return self
 
     async def __anext__(self) -> Any:
-        return await self._events.__anext__()
+        event = await self._events.__anext__()
+        if event[0] != "sse":
+            # A JSON answer or an error is the last event: close the stream now, which frees
+            # the engine's admission slot (the caller reads no further).
+            await self._events.aclose()
+        return event
 
     def cancel(self) -> None:
         # Closing the generator runs its finally blocks, which abort the engine request.

@@ -107,3 +107,18 @@ async def test_cancel_while_the_engine_stream_is_being_read_is_harmless() -> Non
     with contextlib.suppress(asyncio.CancelledError):
         await reading
     await asyncio.wait_for(closed.wait(), 2)
+
+
+async def test_a_json_answer_frees_the_in_process_engine_at_once() -> None:
+    closed = asyncio.Event()
+
+    async def events() -> AsyncIterator[Any]:
+        try:
+            yield ("json", {"choices": []})
+            await asyncio.Event().wait()  # never resumed: the caller stops reading here
+        finally:
+            closed.set()
+
+    gen = LocalChat(events())
+    assert await gen.__anext__() == ("json", {"choices": []})
+    assert closed.is_set()
