@@ -69,11 +69,12 @@ async def test_overload_is_refused_fast_and_admitted_requests_finish(
             break
         await asyncio.sleep(0.1)
     flood = 4 * (LLM_MAX_ONGOING + LLM_MAX_QUEUED)
+    body = {**long_stream_body(64), "stream_options": {"include_usage": True}}
 
     async def one(client: httpx.AsyncClient) -> tuple[int, float, str, dict[str, str]]:
         t0 = time.monotonic()
         async with client.stream("POST", f"{iris}/chat/completions",
-                                 json=long_stream_body(64), headers=AUTH) as resp:
+                                 json=body, headers=AUTH) as resp:
             text = "".join([chunk async for chunk in resp.aiter_text()])
             return resp.status_code, time.monotonic() - t0, text, dict(resp.headers)
 
@@ -91,8 +92,11 @@ async def test_overload_is_refused_fast_and_admitted_requests_finish(
     for _, _, text, _ in ok:
         assert text.rstrip().endswith("data: [DONE]")
         assert '"error"' not in text
-        chunks = [ln for ln in text.splitlines() if ln.startswith("data: {")]
-        assert sum(bool(json.loads(c[6:])["choices"]) for c in chunks) >= 64
+        chunks = [json.loads(ln[6:]) for ln in text.splitlines() if ln.startswith("data: {")]
+        # Every token was generated. (Not one chunk per token: when the reader falls behind,
+        # vLLM folds several tokens into one delta, which a loaded 2-core machine does.)
+        assert chunks[-1]["usage"]["completion_tokens"] == 64
+        assert sum(bool(c["choices"]) for c in chunks) >= 2
 
 
 @pytest.mark.parametrize("tokens", [5])
