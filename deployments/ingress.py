@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.llm_server import EngineHost
 from deployments.metrics import metrics, record_error
 from deployments.preprocessor import PreparedImage
+from deployments.ray_errors import client_error
 from handlers import json_body
 from handlers.asgi import CancelledReceiveIsDisconnect
 from handlers.auth import BearerAuth
@@ -38,7 +39,6 @@ from handlers.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
-    to_error,
 )
 from handlers.protocol import (
     ImageRef,
@@ -46,7 +46,6 @@ from handlers.protocol import (
     model_card,
     model_list,
     parse_envelope,
-    strip_image_urls,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -58,7 +57,7 @@ app.add_middleware(CancelledReceiveIsDisconnect)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    err = to_error(exc)
+    err = client_error(exc)
     record_error(err)
     return JSONResponse(err.envelope(), status_code=err.status, headers=err.headers or None)
 
@@ -90,7 +89,7 @@ async def _any_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def sse_error(exc: BaseException) -> str:
-    err = to_error(exc)
+    err = client_error(exc)
     record_error(err)
     return f"data: {json.dumps(err.envelope())}\n\ndata: [DONE]\n\n"
 
@@ -242,7 +241,7 @@ class ChatIngress:
         except Exception as exc:
             # Never let a raw exception reach Starlette/Serve: Serve answers some (like
             # BackPressureError) itself, outside our envelope.
-            raise to_error(exc) from None
+            raise client_error(exc) from None
 
     async def _chat(self, request: Request, deadline: float) -> Response:
         started = time.perf_counter()
@@ -251,7 +250,7 @@ class ChatIngress:
         env = parse_envelope(body)
         if env.model != self._model_id:
             raise ModelNotFound(f"The model {env.model!r} does not exist.", param="model")
-        refs = extract_images(env.messages, self._cfg.limits.max_images_per_request)
+        messages, refs = extract_images(env.messages, self._cfg.limits.max_images_per_request)
         m.images_per_request.observe(len(refs))
         images = list(await asyncio.gather(*(self._prepare(r) for r in refs)))
         if refs:
@@ -262,7 +261,7 @@ class ChatIngress:
                 f"The request's images total {total} pixels after resizing; the limit is "
                 f"{self._cfg.limits.max_total_pixels}.", param="messages", code="too_many_pixels",
             )
-        body["messages"] = strip_image_urls(env.messages, refs)
+        body["messages"] = messages
         rid = _request_id()
         # vLLM names the engine request after this; unique even if clients reuse ids.
         body["request_id"] = f"{rid}-{uuid.uuid4().hex[:8]}"
@@ -277,7 +276,7 @@ class ChatIngress:
         except BaseException as exc:
             gen.cancel()
             if isinstance(exc, Exception):
-                raise to_error(exc) from None
+                raise client_error(exc) from None
             raise
         if kind == "json":
             m.stage("e2e", time.perf_counter() - started, stream="false")
@@ -310,7 +309,7 @@ class ChatIngress:
                 self._recent.put(key, prepared, prepared.width * prepared.height * 3)
             return prepared
         except Exception as exc:
-            err = to_error(exc)
+            err = client_error(exc)
             if err.status < 500 and not err.param:
                 err.with_param(ref.param + ".url")
             raise err from None

@@ -14,11 +14,11 @@ import ray
 from ray import serve
 
 from deployments.preprocessor import PreparedImage
+from deployments.ray_errors import client_error
 from handlers.admission import Admission
 from handlers.config import IrisConfig
 from handlers.cpu_affinity import engine_process_cores, pinned
 from handlers.engine import ChatEngine, Event, VllmChatEngine, engine_placement
-from handlers.errors import to_error
 from handlers.stream_batch import batch_sse
 
 
@@ -99,7 +99,7 @@ class EngineHost:
                 async for event in batch_sse(self._engine.chat(body, pairs), self._batch_s):
                     yield event
         except Exception as exc:  # CancelledError is not an Exception: cancels propagate
-            yield "error", to_error(exc)
+            yield "error", client_error(exc)
 
 
 @serve.deployment(name="LLMServer")

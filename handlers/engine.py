@@ -8,6 +8,7 @@ images arrive: as `image_pil` parts carrying a content uuid, already at target s
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, Protocol
 
@@ -101,6 +102,31 @@ def attach_images(
     return out
 
 
+# vLLM picks its media connector by this name (VLLM_MEDIA_CONNECTOR) for every URL in a request.
+NO_FETCH_CONNECTOR = "iris-no-fetch"
+ENGINE_FETCH_REFUSED = "The engine fetches no media: images reach it through Iris's fetcher."
+
+
+def refuse_engine_fetches() -> None:
+    """A second wall behind the ingress's content-part rules: vLLM's own media loading (http,
+    data: and file URLs) refuses everything in this process, so nothing that slips past
+    them can make the engine fetch a URL itself. Call before the engine starts."""
+    from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector
+
+    class NoFetchMediaConnector(MediaConnector):
+        def load_from_url(self, url: str, media_io: Any, *, fetch_timeout: int | None = None
+                          ) -> Any:
+            raise ValueError(ENGINE_FETCH_REFUSED)
+
+        async def load_from_url_async(
+            self, url: str, media_io: Any, *, fetch_timeout: int | None = None
+        ) -> Any:
+            raise ValueError(ENGINE_FETCH_REFUSED)
+
+    MEDIA_CONNECTOR_REGISTRY.register(NO_FETCH_CONNECTOR)(NoFetchMediaConnector)
+    os.environ["VLLM_MEDIA_CONNECTOR"] = NO_FETCH_CONNECTOR
+
+
 class VllmChatEngine:
     """An in-process vLLM AsyncLLM plus vLLM's OpenAIServingChat."""
 
@@ -121,6 +147,7 @@ class VllmChatEngine:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        refuse_engine_fetches()
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(cfg))
         for key, value in cfg.engine.extra_args.items():
             setattr(args, key.replace("-", "_"), value)

@@ -146,49 +146,40 @@ class InternalError(IrisError):
 
 GENERIC_500 = "The server had an error while processing your request."
 
-# Anything that looks like internals must never reach a client.
-_LEAK = re.compile(r"(0x[0-9a-fA-F]{4,}|Traceback|File \"|/[\w.-]+/[\w./-]+\.py|\bline \d+\b)")
+# Anything that looks like internals must never reach a client: memory addresses (not the
+# "0x4000" inside "40000x40000"), tracebacks, source paths, line numbers.
+_LEAK = re.compile(
+    r"((?<![0-9A-Za-z])0x[0-9a-fA-F]{4,}|Traceback|File \"|/[\w.-]+/[\w./-]+\.py|\bline \d+\b)"
+)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    """Find the IrisError inside Ray's wrappers (RayTaskError.cause, __cause__)."""
+    """The IrisError this exception was raised from (`raise ... from err`), if any."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, IrisError):
             return cur
-        nxt = getattr(cur, "cause", None)
-        if not isinstance(nxt, BaseException):
-            nxt = cur.__cause__
-        cur = nxt
+        cur = cur.__cause__
     return exc
 
 
 def to_error(exc: BaseException) -> IrisError:
-    """Map any exception to an IrisError a client may see."""
+    """Map any exception to an IrisError a client may see. (Ray's exceptions are mapped in
+    deployments/ray_errors.py, which knows their classes.)"""
     inner = _unwrap(exc)
     if isinstance(inner, IrisError):
         if inner.status >= 500 and inner.type == "internal_error":
             return InternalError(GENERIC_500)
         if _LEAK.search(inner.message):
             logger.warning("scrubbed a leaky error message: %s", inner.message)
-            return type(inner)(
-                "The request could not be processed.", param=inner.param, status=inner.status
-            )
+            inner.message = _LEAK.sub("[...]", inner.message)
         return inner
-    if _is_type(inner, "BackPressureError"):
-        return Overloaded(
-            "The server is at capacity; retry shortly.", headers={"Retry-After": "1"}
-        )
-    if isinstance(inner, TimeoutError) or _is_type(inner, "GetTimeoutError"):
+    if isinstance(inner, TimeoutError):
         return RequestTimeout("The request took longer than the server allows.")
     logger.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
     return InternalError(GENERIC_500)
-
-
-def _is_type(exc: BaseException, name: str) -> bool:
-    return any(cls.__name__ == name for cls in type(exc).__mro__)
 
 
 def error_from_openai_payload(status: int, payload: dict[str, Any]) -> IrisError:

@@ -86,9 +86,32 @@ def parse_envelope(body: Any) -> ChatEnvelope:
     return env
 
 
-def extract_images(messages: list[dict[str, Any]], max_images: int) -> list[ImageRef]:
-    """Find every image part, checking shapes and naming the field on error."""
+# Content part types the engine may see, by what carries their text. Everything else is
+# refused: vLLM would fetch the URL of a video_url / audio_url / input_image part itself,
+# around Iris's fetcher and its rules (and it reads media keys on any part with a uuid).
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+IMAGE_PARTS = frozenset({"image_url"})
+
+
+def _text_part(part: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The part rebuilt from its known fields only: no extra key reaches the engine."""
+    kind = part["type"]
+    field = TEXT_PARTS[kind]
+    value = part.get(field)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{prefix}.{field} must be a string.", param=f"{prefix}.{field}")
+    return {"type": kind, field: value}
+
+
+def extract_images(
+    messages: list[dict[str, Any]], max_images: int
+) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    """Check every message's content parts, naming the field on error.
+
+    Returns the messages as the engine may see them (every content part rebuilt from its
+    known fields, image URLs blanked: the engine gets pixels by reference) and the images."""
     refs: list[ImageRef] = []
+    out: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise InvalidRequest(f"messages[{i}] must be an object.", param=f"messages[{i}]")
@@ -100,43 +123,43 @@ def extract_images(messages: list[dict[str, Any]], max_images: int) -> list[Imag
             )
         content = msg.get("content")
         if content is None or isinstance(content, str):
+            out.append(msg)
             continue
         if not isinstance(content, list):
             raise InvalidRequest(
                 f"messages[{i}].content must be a string or a list of content parts.",
                 param=f"messages[{i}].content",
             )
+        parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             prefix = f"messages[{i}].content[{j}]"
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise InvalidRequest(f"{prefix} must be an object with a type.", param=prefix)
-            if part["type"] != "image_url":
+            kind = part["type"]
+            if kind in TEXT_PARTS:
+                parts.append(_text_part(part, prefix))
                 continue
+            if kind not in IMAGE_PARTS:
+                raise InvalidRequest(
+                    f"{prefix}.type {kind!r} is not supported: content parts may be "
+                    f"{', '.join(sorted(TEXT_PARTS))} or image_url.",
+                    param=f"{prefix}.type",
+                )
             try:
                 p = ImageURLPart.model_validate(part)
             except ValidationError as exc:
                 msg_, param = validation_message(exc, prefix)
                 raise InvalidRequest(msg_, param=param) from None
             refs.append(ImageRef(i, j, p.image_url.url, p.image_url.detail))
+            parts.append({"type": "image_url", "image_url": {"url": ""}})
+        out.append({**msg, "content": parts})
     if len(refs) > max_images:
         raise InvalidRequest(
             f"The request has {len(refs)} images; at most {max_images} are allowed.",
             param="messages",
             code="too_many_images",
         )
-    return refs
-
-
-def strip_image_urls(messages: list[dict[str, Any]], refs: list[ImageRef]) -> list[dict[str, Any]]:
-    """Copy of messages without the (possibly huge) URLs; the engine gets pixels by ref."""
-    out = [dict(m) for m in messages]
-    for ref in refs:
-        content = out[ref.message]["content"]
-        if not isinstance(content, list) or content is messages[ref.message]["content"]:
-            content = list(messages[ref.message]["content"])
-            out[ref.message]["content"] = content
-        content[ref.part] = {"type": "image_url", "image_url": {"url": ""}}
-    return out
+    return out, refs
 
 
 def model_card(model_id: str, root: str, created: int | None = None) -> dict[str, Any]:

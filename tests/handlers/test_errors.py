@@ -5,8 +5,8 @@ import pickle
 from handlers.errors import (
     GENERIC_500,
     ImageNotFound,
+    ImageTooLarge,
     InvalidRequest,
-    Overloaded,
     error_from_openai_payload,
     to_error,
 )
@@ -19,12 +19,15 @@ def test_errors_keep_status_and_param_across_pickling() -> None:
     assert back.status == 400 and back.param == err.param and back.code == "image_not_found"
 
 
-def test_unwraps_ray_style_cause() -> None:
-    class Wrapper(Exception):
-        def __init__(self, cause: BaseException) -> None:
-            self.cause = cause
-
-    assert to_error(Wrapper(InvalidRequest("bad"))).message == "bad"
+def test_finds_the_iris_error_an_exception_was_raised_from() -> None:
+    try:
+        try:
+            raise InvalidRequest("bad", param="messages")
+        except InvalidRequest as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        err = to_error(outer)
+    assert err.message == "bad" and err.param == "messages"
 
 
 def test_unknown_exceptions_become_generic_500() -> None:
@@ -39,14 +42,13 @@ def test_unknown_exceptions_become_generic_500() -> None:
 def test_leaky_client_messages_are_scrubbed() -> None:
     err = to_error(InvalidRequest("failed opening /home/u/secret/model.py"))
     assert "/home" not in err.message and err.status == 400
+    assert err.message.startswith("failed opening")  # still says what went wrong
 
 
-def test_backpressure_maps_to_503_with_retry_after() -> None:
-    class BackPressureError(Exception):
-        pass
-
-    err = to_error(BackPressureError("queue full"))
-    assert isinstance(err, Overloaded) and err.headers["Retry-After"] == "1"
+def test_image_sizes_are_not_mistaken_for_memory_addresses() -> None:
+    msg = "The image is 40000x40000 (1600000000 pixels); the limit is 100000000 pixels."
+    assert to_error(ImageTooLarge(msg)).message == msg
+    assert "0x7f" not in to_error(InvalidRequest("object at 0x7f00deadbeef")).message
 
 
 def test_vllm_payload_mapping() -> None:
