@@ -3,22 +3,55 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import http.client
+import logging
 import os
 import signal
 import socket
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from http.client import HTTPException
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TextIO
 
-from handlers.config import IrisConfig, load_config
+from handlers.config import IrisConfig
+from handlers.config_load import ConfigError, load_config
 from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pinned
 
-# The port init_ray started a local Ray instance with direct ingress on, if it did.
-_direct_ingress_port: int | None = None
+
+@dataclass(frozen=True)
+class LocalRay:
+    """What init_ray set up when it started a Ray instance here."""
+
+    direct_ingress_port: int | None  # where ChatIngress listens, with direct ingress
+    metrics_port: int  # the node's Prometheus endpoint
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Where clients reach the running app."""
+
+    port: int
+    metrics_port: int | None
+
+# Serve's controller warns about every replica whose __init__ runs past this many seconds
+# (default 30): on a small CPU machine the engine always does, so every start printed
+# "slow __init__" warnings. `make serve` reports what is loading itself (wait_until_running);
+# Serve still warns, and says so in the app's status, about a replica that is really stuck.
+# The controller reads it when it starts, from the environment Ray's processes inherit.
+SLOW_STARTUP_ENV = "RAY_SERVE_SLOW_STARTUP_WARNING_S"
+SLOW_STARTUP_S = 300
+
+# What each deployment does before it is ready, and how long that usually takes here.
+_ENGINE_LOAD = "loads the vLLM engine (usually 40-80 s on a small CPU machine)"
+# While replicas start, a line this often says what is still loading.
+_REMIND_S = 30.0
+
+
+# Where to reach a server bound to a wildcard address.
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 def _socket(host: str) -> socket.socket:
@@ -29,18 +62,46 @@ class PortInUse(RuntimeError):
     """A port Iris is configured to serve on is taken by another process."""
 
 
+class DeployFailed(RuntimeError):
+    """The app did not start; the message is Serve's reason."""
+
+
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port (a refused connect: nothing)."""
+    host = _LOOPBACK.get(host, host)
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True  # no answer either way: assume it is taken
+
+
 @contextlib.contextmanager
 def holding(host: str, ports: list[int]) -> Iterator[None]:
     """Hold `ports` bound while Ray starts: Ray's processes pick free ports of their own
-    as they start, and one of them could otherwise take the port clients were told."""
+    as they start, and one of them could otherwise take the port clients were told.
+
+    A port something LISTENS on is refused (PortInUse). A port only connections of an
+    earlier run still hold while they close (TIME_WAIT, up to a minute) is not: a restart
+    right after Ctrl-C must work. With SO_REUSEADDR the hold binds past such connections of
+    a server that set it too (Ray's metrics agent, which also binds its port while it is held
+    here, does). Those of a server that did not (Serve's direct ingress) refuse every bind;
+    such a port is not held, its TIME_WAIT keeps Ray's processes off it meanwhile."""
     socks: list[socket.socket] = []
     try:
         for port in ports:
             sock = _socket(host)
             socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and not _listening(host, port):
+                    print(f">> {host}:{port}: connections of an earlier run are still closing "
+                          "(TIME_WAIT, gone within a minute of their close)", flush=True)
+                    continue
                 raise PortInUse(f"{host}:{port} is in use by another process ({exc.strerror}); "
                                 "choose another with IRIS_HTTP__PORT / http.port") from None
         yield
@@ -49,13 +110,13 @@ def holding(host: str, ports: list[int]) -> Iterator[None]:
             sock.close()
 
 
-def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> None:
+def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> LocalRay | None:
     """Start a local Ray instance (more logical CPUs than cores, so all replicas fit) whose
     processes carry the settings `cfg` needs: direct ingress, and a CPU engine's worker
-    on cores of its own (engine.cpu_cores) with every Ray process on the others."""
+    on cores of its own (engine.cpu_cores) with every Ray process on the others. None when
+    it connected to a Ray instance started elsewhere."""
     import ray
 
-    global _direct_ingress_port
     cpus = num_cpus or max(8, os.cpu_count() or 1)
     print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
     extra = cfg.http.direct_ingress_env()
@@ -64,23 +125,35 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
         extra[OMP_BIND_ENV] = omp_bind(split[0])
         print(f">> CPU engine worker on cores {split[0]}; Ray and the replicas on {split[1]}",
               flush=True)
-    saved = {k: os.environ.get(k) for k in extra}
     # Ray's processes inherit this environment and CPU affinity when they start; put them
     # back afterwards so other Ray clusters this process starts (tests) do not inherit them.
-    new_instance = not (kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
+    address = kwargs.get("address")
+    new_instance = address == "local" or not (address or os.environ.get("RAY_ADDRESS"))
     http = cfg.http
     ports = [p for p in (http.port, http.proxy_port) if p] if new_instance else []
+    if new_instance:
+        # A new instance even if `ray start` once left the address of its cluster behind
+        # (ray.init() without an address connects to that one).
+        kwargs["address"] = "local"
+        # A fixed port for the node's Prometheus endpoint (Ray picks a random one otherwise).
+        kwargs.setdefault("_metrics_export_port", cfg.metrics_port)
+        ports.append(kwargs["_metrics_export_port"])
+        if SLOW_STARTUP_ENV not in os.environ:
+            extra[SLOW_STARTUP_ENV] = str(SLOW_STARTUP_S)
+    saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     try:
         with pinned(split[1] if split else []), holding(http.host, ports):
             ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
-        _direct_ingress_port = http.port if http.direct_ingress and new_instance else None
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if not new_instance:
+        return None
+    return LocalRay(http.port if http.direct_ingress else None, kwargs["_metrics_export_port"])
 
 
 def _free_port(host: str) -> int:
@@ -91,37 +164,118 @@ def _free_port(host: str) -> int:
 
 def _ingress_answers(host: str, port: int, wait_s: float = 10.0) -> bool:
     """Whether ChatIngress answers on host:port: it echoes the x-request-id it is sent,
-    which another process that happens to hold the port would not."""
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    url = f"http://[{host}]:{port}/health" if ":" in host else f"http://{host}:{port}/health"
+    which another process that happens to hold the port would not.
+
+    The probe keeps its connection open (HTTP/1.1) and closes it first, so the connection's
+    TIME_WAIT stays on the probe's own port. Closed by the server (`Connection: close`), it
+    sat on `port` for a minute, where Serve's direct ingress, which binds without
+    SO_REUSEADDR, could not bind again: a quick restart was refused."""
+    host = _LOOPBACK.get(host, host)
     token = uuid.uuid4().hex
     deadline = time.monotonic() + wait_s
     while True:
+        conn = http.client.HTTPConnection(host, port, timeout=2)
         try:
-            req = urllib.request.Request(url, headers={"x-request-id": token})
-            with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.headers.get("x-request-id") == token:
-                    return True
-        except (OSError, HTTPException):
+            conn.request("GET", "/health", headers={"x-request-id": token})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.getheader("x-request-id") == token:
+                return True
+        except (OSError, http.client.HTTPException):
             pass
+        finally:
+            conn.close()
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
 
 
-def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> int:
-    """Start Ray unless connected, start Serve's HTTP side and deploy the app.
-    Returns the port clients should use."""
+def _say(t0: float, text: str) -> None:
+    print(f">> [{time.monotonic() - t0:3.0f} s] {text}", flush=True)
+
+
+def _startup_notes(cfg: IrisConfig) -> dict[str, str]:
+    """Per deployment: what it does before it is ready, and how long that usually takes."""
+    return {
+        "ImageFetcher": "fetches images (usually a few seconds)",
+        "ImagePreprocessor": "resizes images, after a warm-up (usually 5-30 s)",
+        "LLMServer": _ENGINE_LOAD,
+        "ChatIngress": (f"the HTTP API, and {_ENGINE_LOAD}" if cfg.deployments.engine_in_ingress
+                        else "the HTTP API (usually a few seconds)"),
+    }
+
+
+def wait_until_running(
+    app_name: str, notes: dict[str, str], t0: float, *, poll_s: float = 1.0
+) -> None:
+    """Poll Serve's status until the app runs, printing each deployment as it starts and as
+    it becomes ready, and every _REMIND_S what is still loading. DeployFailed if it fails."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus, DeploymentStatus
+
+    started: dict[str, float] = {}
+    ready: set[str] = set()
+    reminded = time.monotonic()
+    while True:
+        app = serve.status().applications.get(app_name)
+        now = time.monotonic()
+        if app is not None:
+            for name, dep in app.deployments.items():
+                if name not in started:
+                    started[name] = now
+                    _say(t0, f"{name} starting: {notes.get(name, 'a deployment of the app')}")
+                if dep.status == DeploymentStatus.HEALTHY and name not in ready:
+                    ready.add(name)
+                    _say(t0, f"{name} ready ({now - started[name]:.0f} s)")
+            if app.status == ApplicationStatus.RUNNING:
+                return
+            if app.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+                why = [f"{n}: {d.message}" for n, d in app.deployments.items()
+                       if d.status != DeploymentStatus.HEALTHY and d.message]
+                raise DeployFailed("\n".join([app.message, *why]).strip()
+                                   or f"application {app_name!r} is {app.status.value}")
+        if now - reminded >= _REMIND_S:
+            reminded = now
+            loading = [f"{n} ({now - t:.0f} s so far)" for n, t in started.items()
+                       if n not in ready]
+            if loading:
+                _say(t0, "still starting: " + ", ".join(loading))
+        time.sleep(poll_s)
+
+
+class _NotMisleading(logging.Filter):
+    """Serve's client logs, when the app is deployed after serve.start (which gave the
+    proxy its port), that it connects to the running Serve instance and that "new
+    http_options will not be applied": they were, by serve.start, a moment earlier."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Connecting to existing Serve app")
+
+
+def _quiet_serve_client_log() -> None:
+    logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _NotMisleading) for f in logger.filters):
+        logger.addFilter(_NotMisleading())
+
+
+def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> Serving:
+    """Start Ray unless connected, start Serve's HTTP side and deploy the app, printing
+    progress; returns once the app runs, with where clients reach it."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
+    t0 = time.monotonic()
+    local = None
     if not ray.is_initialized():
-        init_ray(cfg, num_cpus=num_cpus, log_to_driver=True)
+        local = init_ray(cfg, num_cpus=num_cpus, log_to_driver=True)
+        _say(t0, "Ray is up")
     http = cfg.http
+    metrics_port = local.metrics_port if local is not None else None
     direct = http.direct_ingress and (
-        _direct_ingress_port == http.port or http.direct_ingress_active()
+        (local is not None and local.direct_ingress_port == http.port)
+        or http.direct_ingress_active()
     )
     if http.direct_ingress and not direct:
         print(">> http.direct_ingress needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where Ray "
@@ -133,51 +287,145 @@ def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> int:
               f"Serve's proxy on {http.host}:{proxy_port}", flush=True)
     else:
         proxy_port = http.port
+    _quiet_serve_client_log()
     serve.start(http_options={"host": http.host, "port": proxy_port})
     print(f">> deploying {cfg.app_name!r} (model {cfg.model.id!r} from {cfg.model.source})",
           flush=True)
-    # serve.run waits until every deployment is RUNNING (the engine has loaded).
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+    # Without waiting in Serve, which would block silently for the whole engine load and
+    # then log "Application ... is ready at <the proxy's address>": with direct ingress,
+    # not the address clients use. wait_until_running reports what is loading instead.
+    serve.run_many(
+        [serve.RunTarget(build_app(cfg), name=cfg.app_name, route_prefix="/")],
+        wait_for_applications_running=False,
+    )
+    wait_until_running(cfg.app_name, _startup_notes(cfg), t0)
     if direct and not _ingress_answers(http.host, http.port):
         # Serve moves an ingress replica that cannot bind its port to the next one.
         print(f">> ChatIngress could not take {http.host}:{http.port} (in use?); clients "
               f"reach Iris through Serve's proxy on port {proxy_port} instead", flush=True)
-        return proxy_port
-    return http.port
+        return Serving(proxy_port, metrics_port)
+    if not direct and not _ingress_answers(http.host, proxy_port, wait_s=30.0):
+        print(f">> Serve's proxy on {http.host}:{proxy_port} does not answer yet", flush=True)
+    return Serving(http.port, metrics_port)
+
+
+def stop_serve(timeout_s: float = 60.0) -> None:
+    """serve.shutdown(), without the line it ends with: `Task ServeController.graceful_shutdown
+    failed. There are infinite retries remaining...`. serve.shutdown waits on a call to the
+    controller that only ends when the controller, done stopping every replica and proxy,
+    kills itself; the controller actor retries its calls forever (max_task_retries=-1),
+    so Ray reports that expected end as a failed call it will retry. The same wait, on a
+    call that is not retried: it ends the same way, silently."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return  # Serve is not running
+    try:
+        ray.get(controller.graceful_shutdown.options(max_task_retries=0).remote(),
+                timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # the controller exited: everything Serve ran is stopped
+    except ray.exceptions.GetTimeoutError:
+        print(f">> Serve did not stop within {timeout_s:.0f} s; stopping Ray anyway",
+              flush=True)
+
+
+def stop() -> None:
+    """Serve first (replicas stop gracefully, the engine with them), then Ray."""
+    import ray
+
+    if ray.is_initialized():
+        stop_serve()
+        ray.shutdown()
+
+
+class _LastWrite:
+    """A text stream that notes when it was last written to. Ray prints its processes'
+    output on this process's stdout and stderr as it arrives, a moment after they wrote it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.at = time.monotonic()
+
+    def write(self, text: str) -> int:
+        self.at = time.monotonic()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _watching_output() -> Iterator[list[_LastWrite]]:
+    streams = [_LastWrite(sys.stdout), _LastWrite(sys.stderr)]
+    sys.stdout, sys.stderr = streams
+    try:
+        yield streams
+    finally:
+        sys.stdout, sys.stderr = streams[0]._stream, streams[1]._stream
+
+
+def _settle(streams: list[_LastWrite], quiet_s: float = 2.5, max_s: float = 20.0) -> None:
+    """Wait until Ray's processes' output stops arriving (quiet_s without a line, at most
+    max_s): the readiness probe's access log, for one, arrives a moment after it was
+    answered, and would otherwise be printed after the ready line."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        idle = time.monotonic() - max(s.at for s in streams)
+        if idle >= quiet_s:
+            return
+        time.sleep(quiet_s - idle)
 
 
 def main() -> int:
-    import ray
-    from ray import serve
-
-    cfg = load_config()
-    t0 = time.monotonic()
     try:
-        port = start(cfg)
+        cfg = load_config()
+    except ConfigError as exc:
+        print(f">> {exc}", file=sys.stderr, flush=True)
+        return 2
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # SIGTERM while starting stops like Ctrl-C, not by killing this process mid-way.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    t0 = time.monotonic()
+    code = 0
+    try:
+        with _watching_output() as streams:
+            serving = start(cfg)
+            _settle(streams)
+            signal.signal(signal.SIGINT, _stop)
+            signal.signal(signal.SIGTERM, _stop)
+            if serving.metrics_port is not None:
+                print(f">> metrics (Prometheus): "
+                      f"http://{cfg.http.host}:{serving.metrics_port}/metrics",
+                      flush=True)
+            print(f">> ready in {time.monotonic() - t0:.0f} s: OpenAI API at "
+                  f"http://{cfg.http.host}:{serving.port}/v1 (model {cfg.model.id!r}). "
+                  "Ctrl-C stops everything.", flush=True)
+        while not stopping:
+            time.sleep(0.5)
     except PortInUse as exc:
         print(f">> {exc}", file=sys.stderr, flush=True)
         return 1
+    except (ConfigError, DeployFailed) as exc:
+        print(f">> {exc}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()
-        return 130
-    base = f"http://{cfg.http.host}:{port}/v1"
-    print(f">> ready in {time.monotonic() - t0:.0f} s: OpenAI API at {base} "
-          f"(model {cfg.model.id!r}). Ctrl-C stops everything.", flush=True)
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
+        code = 130
+    # Ctrl-C again while stopping changes nothing: stopping goes on, with no traceback.
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    while not stop:
-        time.sleep(0.5)
-    print(">> shutting down", flush=True)
-    serve.shutdown()
-    ray.shutdown()
-    return 0
+    print(">> stopping", flush=True)
+    stop()
+    print(">> stopped", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,21 +1,16 @@
-"""The one Iris configuration: YAML named by IRIS_CONFIG, overridden by IRIS_* env vars."""
+"""The one Iris configuration: every field, its default and what it means. Where values come
+from (YAML, IRIS_* variables, explicit values) is handlers/config_load.py."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = REPO_ROOT / "infra" / "local.yaml"
 
 
 class _Strict(BaseModel):
@@ -27,6 +22,13 @@ class ModelSettings(_Strict):
     source: str = Field(
         ".models/demo-vlm",
         description="Local directory or Hugging Face id of the checkpoint vLLM loads.",
+    )
+    processor: dict[str, Any] | None = Field(
+        None,
+        description="The image processor's settings (the checkpoint's preprocessor_config.json). "
+        "Unset: read from `source` once, where the app is built, and handed to the CPU "
+        "tier, which never reads the checkpoint. Set it (scripts/gen_infra.py does) when the "
+        "node that builds the app cannot read the checkpoint either.",
     )
 
 
@@ -57,6 +59,30 @@ class EngineSettings(_Strict):
         "which takes turns with it) get the first cpu_cores cores, and Ray, with every "
         "replica, the rest, so the worker's busy polling never shares a core with request "
         "handling. auto: half the cores. off: leave placement to vLLM and the OS.",
+    )
+
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM's tool-call parser for the model's chat template (hermes for "
+        "Qwen2.5-VL and the demo model): tools with tool_choice auto/required/named work. "
+        "None: no tool calling.",
+    )
+    metrics: bool = Field(
+        True,
+        description="Export vLLM's own statistics (running/waiting requests, KV-cache use, "
+        "prefix- and multimodal-cache hits, TTFT, time per output token) through Ray's "
+        "metrics, as ray_vllm_*, tagged with the Serve replica.",
+    )
+    stall_timeout_s: float = Field(
+        120.0, gt=0,
+        description="With requests in flight and no output from the engine for this long, it "
+        "counts as stuck: its replica reports unhealthy and Serve replaces it.",
+    )
+    restart_attempts: int = Field(
+        3, ge=1,
+        description="A dead engine is restarted in its replica (which keeps answering 503 "
+        "with Retry-After meanwhile); after this many failed restarts in a row the replica "
+        "reports unhealthy and Serve replaces it.",
     )
 
     @field_validator("cpu_cores")
@@ -91,10 +117,28 @@ class FetchSettings(_Strict):
         default_factory=list, description='S3 buckets images may come from; ["*"] allows all.'
     )
     cache_max_bytes: int = Field(256 << 20, ge=0, description="Fetcher LRU cache size in bytes.")
+    s3_threads: int = Field(
+        32, ge=2,
+        description="Threads for S3 calls (boto3 blocks), per fetcher replica; one bucket may "
+        "use at most half, so a hung bucket cannot starve the others.",
+    )
+    dns_threads: int = Field(
+        8, ge=1, description="Threads for DNS look-ups (getaddrinfo blocks), per fetcher replica."
+    )
     ca_bundle: str | None = Field(
         None, description="PEM file of CAs to trust for https images (e.g. an internal CA) "
         "instead of the public ones; the environment's SSL_CERT_FILE is deliberately ignored.",
     )
+
+
+# Fast mode drafts a JPEG only if the reduced decode is still this many times the target
+# size. libjpeg's scaled IDCT is a sharper low-pass than the bicubic antialias filter, so
+# the closer the draft is to the target, the more fine detail differs. Measured PSNR
+# against exact (geometry-aligned resize): photo-like content >= 44 dB from 1.1x, white
+# noise 31 dB at 1.5x / 37 dB at 2x / 41 dB at 2.5x, 2 px text 33 / 36 / 38 dB. 2.0 keeps
+# photos above 40 dB and still drafts the common case (a 12 MP photo to a 1 MP target
+# decodes at 1/2 scale).
+FAST_MIN_HEADROOM = 2.0
 
 
 class ImagingSettings(_Strict):
@@ -103,7 +147,7 @@ class ImagingSettings(_Strict):
         description="exact: the model processor's pixels; fast: big JPEGs decoded at 1/2-1/8.",
     )
     fast_min_headroom: float = Field(
-        2.0, ge=1.0,
+        FAST_MIN_HEADROOM, ge=1.0,
         description="fast: draft a JPEG only if the reduced decode stays this many times the "
         "target (2.0 keeps photos > 40 dB PSNR from exact; 3.0 any content).",
     )
@@ -142,30 +186,23 @@ class DeploymentSettings(_Strict):
         Field(None, description="Placement group strategy for the bundles.")
     )
 
-    def serve_options(self) -> dict[str, Any]:
-        """Options for `Deployment.options(...)`, only those that are set."""
-        opts: dict[str, Any] = {}
-        if self.autoscaling_config is not None:
-            opts["autoscaling_config"] = self.autoscaling_config
-        elif self.num_replicas is not None:
-            opts["num_replicas"] = self.num_replicas
-        if self.max_ongoing_requests is not None:
-            opts["max_ongoing_requests"] = self.max_ongoing_requests
-        if self.max_queued_requests is not None:
-            opts["max_queued_requests"] = self.max_queued_requests
-        actor: dict[str, Any] = {}
-        if self.num_cpus is not None:
-            actor["num_cpus"] = self.num_cpus
-        if self.num_gpus is not None:
-            actor["num_gpus"] = self.num_gpus
-        if self.resources:
-            actor["resources"] = self.resources
-        if actor:
-            opts["ray_actor_options"] = actor
-        if self.placement_group_bundles:
-            opts["placement_group_bundles"] = self.placement_group_bundles
-            opts["placement_group_strategy"] = self.placement_group_strategy or "PACK"
-        return opts
+    health_check_period_s: float | None = Field(
+        None, gt=0, description="Seconds between Serve's health checks of a replica (Serve "
+        "replaces one after 3 failures in a row). None: Serve's default, 10.",
+    )
+    health_check_timeout_s: float | None = Field(
+        None, gt=0, description="How long one health check may take. None: Serve's default, 30."
+    )
+    graceful_shutdown_wait_loop_s: float | None = Field(
+        None, gt=0, description="How often a stopping replica checks whether its requests "
+        "are done. None: Serve's default, 2.",
+    )
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, gt=0, description="How long a stopping replica (scale-down, update) may finish "
+        "its requests before it is killed. None: Iris's default for the deployment: the "
+        "longest request it may serve (limits.request_timeout_s for ChatIngress and "
+        "LLMServer, fetch.total_timeout_s for the fetcher and preprocessor) plus a margin.",
+    )
 
 
 class DeploymentsSettings(_Strict):
@@ -255,15 +292,11 @@ class HttpSettings(_Strict):
         return self.direct_ingress and os.environ.get(DIRECT_INGRESS_FLAG) == "1"
 
 
-class IrisConfig(BaseSettings):
-    """Everything Iris can be told. Nested env vars: IRIS_FETCH__MAX_IMAGE_BYTES=..."""
+class IrisConfig(_Strict):
+    """Everything Iris can be told. Loaded by handlers.config_load.load_config (YAML file,
+    IRIS_* variables, explicit values); constructing it directly uses defaults only."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="IRIS_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        protected_namespaces=(),
-    )
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: ModelSettings = Field(default_factory=ModelSettings, description="What to serve.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine.")
@@ -277,39 +310,27 @@ class IrisConfig(BaseSettings):
     )
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
     api_key: list[SecretStr] | None = Field(
-        None, description="Bearer key(s) required on every route but /health (IRIS_API_KEY)."
+        None, description="Bearer key(s) required on every route but /health (IRIS_API_KEY: "
+        "one key, a comma-separated list, or a JSON list)."
     )
     app_name: str = Field("iris", description="Serve application name.")
+    metrics_port: int = Field(
+        8080, gt=0, lt=65536,
+        description="Port of the node's Prometheus endpoint (Ray's metrics agent: every Iris "
+        "and Ray metric of the node's replicas, at /metrics) when Iris starts Ray itself "
+        "(`make serve`). On a cluster Ray's own --metrics-export-port sets it (KubeRay: 8080).",
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod
     def _one_or_many_keys(cls, v: Any) -> Any:
-        # IRIS_API_KEY may be a single key or a JSON list; pydantic-settings hands
-        # us a plain string for the former.
+        # One key, a comma-separated list, or a JSON list (as IRIS_API_KEY is written).
         if isinstance(v, str):
             v = v.strip()
             if v.startswith("["):
-                import json
-
                 return json.loads(v)
             return [k for k in (s.strip() for s in v.split(",")) if k] or None
         return v
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: explicit init kwargs > IRIS_* env > YAML file.
-        yaml_path = _yaml_path()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if yaml_path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
-        return tuple(sources)
 
     def resolved(self) -> IrisConfig:
         """Copy with a relative local model path made absolute (replicas run elsewhere)."""
@@ -321,37 +342,7 @@ class IrisConfig(BaseSettings):
             return self.model_copy(update={"model": model})
         return self
 
-
-def _yaml_path() -> Path | None:
-    name = os.environ.get("IRIS_CONFIG")
-    if name:
-        path = Path(name)
-        if not path.exists():
-            raise FileNotFoundError(f"IRIS_CONFIG names a file that does not exist: {name}")
-        return path
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
-
-
-class _InlineIrisConfig(IrisConfig):
-    """An IrisConfig whose file is the inline args themselves: no YAML merged under them."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
-
-
-def load_config(*, use_yaml: bool = True, **overrides: Any) -> IrisConfig:
-    """Load YAML (IRIS_CONFIG or infra/local.yaml) + IRIS_* env; keyword overrides win.
-
-    use_yaml=False: the overrides are the whole config (a Serve config's inline `args`);
-    only env vars (e.g. IRIS_API_KEY) are applied on top of the defaults."""
-    if use_yaml:
-        return IrisConfig(**overrides)
-    return _InlineIrisConfig(**overrides)
+    def for_cpu_tier(self) -> IrisConfig:
+        """What the fetcher and preprocessor get: no checkpoint location, so they cannot
+        depend on the weights being on their node (they use model.processor)."""
+        return self.model_copy(update={"model": self.model.model_copy(update={"source": ""})})

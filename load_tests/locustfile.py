@@ -3,22 +3,24 @@
     .venv/bin/locust -f load_tests/locustfile.py --host http://127.0.0.1:8000 \\
         --headless -u 8 -r 2 -t 2m
 
-Environment:
-    IRIS_API_KEY              bearer key, if the server wants one
-    IRIS_MODEL                model id (default demo-vlm)
-    IRIS_LOCUST_S3_ENDPOINT   an S3 endpoint the *server* also reads (e.g. a moto server
+Environment (not IRIS_*: Iris refuses IRIS_* variables that name no setting, and these
+often share a shell with `make serve`):
+    LOCUST_API_KEY            bearer key, if the server wants one
+    LOCUST_MODEL              model id (default demo-vlm)
+    LOCUST_S3_ENDPOINT        an S3 endpoint the *server* also reads (e.g. a moto server
                               started with `moto_server -H 127.0.0.1 -p 5000` and Iris started
                               with AWS_ENDPOINT_URL=http://127.0.0.1:5000); images are uploaded
                               there at start and s3:// URLs join the mix. Unset: no s3.
-    IRIS_LOCUST_TLS_DIR       a folder holding a self-signed CA for 127.0.0.1 (made with
+    LOCUST_TLS_DIR            a folder holding a self-signed CA for 127.0.0.1 (made with
                               `python -m load_tests.locustfile DIR`); https:// URLs from a
                               second loopback server join the mix. Start the server under test
                               with IRIS_FETCH__CA_BUNDLE=DIR/cert.pem so it trusts them.
 The http(s):// images come from loopback servers this file starts; the server under test
 must allow private networks (infra/local.yaml does).
 
-Each request is one Locust "chat" sample (end to end); time to first token is reported as
-a separate "TTFT" sample with the same name, so the two sit side by side in the stats.
+Each request is one Locust sample timed to the end of the stream (its last byte, not its
+headers, which a streamed answer sends at once); time to first token is reported as a
+separate "TTFT" sample with the same name, so the two sit side by side in the stats.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from locust import HttpUser, between, events, task
 from tests.images import data_uri, encode, natural, pattern
 from tests.servers import ImageServer, self_signed_tls
 
-MODEL = os.environ.get("IRIS_MODEL", "demo-vlm")
+MODEL = os.environ.get("LOCUST_MODEL", "demo-vlm")
 _IMAGES: dict[str, list[tuple[str, str]]] = {}  # kind -> [(source, url)]
 _SERVERS: list[ImageServer] = []
 
@@ -66,13 +68,13 @@ def _setup(environment: Any, **_: Any) -> None:
     http = ImageServer()
     _SERVERS.append(http)
     https = None
-    tls_dir = os.environ.get("IRIS_LOCUST_TLS_DIR")
+    tls_dir = os.environ.get("LOCUST_TLS_DIR")
     if tls_dir:
         https = ImageServer(tls=tls_server_context(Path(tls_dir)))
         _SERVERS.append(https)
     images = _make_images()
     s3 = None
-    endpoint = os.environ.get("IRIS_LOCUST_S3_ENDPOINT")
+    endpoint = os.environ.get("LOCUST_S3_ENDPOINT")
     if endpoint:
         import boto3
 
@@ -102,7 +104,7 @@ class ChatUser(HttpUser):
     wait_time = between(0.0, 0.5)
 
     def on_start(self) -> None:
-        key = os.environ.get("IRIS_API_KEY")
+        key = os.environ.get("LOCUST_API_KEY")
         if key:
             self.client.headers["Authorization"] = f"Bearer {key.split(',')[0]}"
 
@@ -128,7 +130,9 @@ class ChatUser(HttpUser):
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
                 return
+            size = 0
             for line in resp.iter_lines():
+                size += len(line) + 1
                 if not line.startswith(b"data: {"):
                     continue
                 chunk = json.loads(line[6:])
@@ -138,6 +142,9 @@ class ChatUser(HttpUser):
                 if ttft is None and any((c.get("delta") or {}).get("content")
                                         for c in chunk.get("choices", [])):
                     ttft = time.perf_counter() - t0
+            # Locust's own clock stopped at the headers; the sample is the whole stream.
+            resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1000
+            resp.request_meta["response_length"] = size
             resp.success()
         if ttft is not None:
             events.request.fire(request_type="TTFT", name=name, response_time=ttft * 1000,

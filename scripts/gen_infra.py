@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,33 +39,6 @@ EXCLUDED_FIELDS = frozenset({"api_key"})
 _BLOCK_KEY = re.compile(r"^(?P<indent> *)serveConfigV2: *\|[-+]?\s*$")
 
 
-class _InitOnly(IrisConfig):
-    """IrisConfig built from the given values alone.
-
-    IrisConfig merges init kwargs over IRIS_* env over a YAML file (IRIS_CONFIG or
-    infra/local.yaml), and the merge is deep: dict fields such as engine.env pick up keys
-    from the lower layers even when the kwargs name every field. Dropping those sources
-    makes the generator depend on the source file only."""
-
-    @classmethod
-    def settings_customise_sources(  # type: ignore[override]
-        cls, settings_cls: type[Any], init_settings: Any, **_: Any
-    ) -> tuple[Any, ...]:
-        return (init_settings,)
-
-
-@contextmanager
-def _without_iris_env() -> Iterator[None]:
-    """Belt and braces: no IRIS_* variable is visible while the config is validated."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("IRIS_")}
-    for k in saved:
-        del os.environ[k]
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def load_source(path: Path = SOURCE) -> IrisConfig:
     """Validate an IrisConfig YAML file (extra=forbid catches typos) without env overrides."""
     raw = yaml.safe_load(path.read_text()) or {}
@@ -75,8 +46,7 @@ def load_source(path: Path = SOURCE) -> IrisConfig:
         raise ValueError(f"{path}: expected a mapping at the top level")
     if secrets := sorted(EXCLUDED_FIELDS & raw.keys()):
         raise ValueError(f"{path}: {secrets} must not be in a manifest; set IRIS_API_KEY instead")
-    with _without_iris_env():
-        return _InitOnly(**raw)
+    return IrisConfig.model_validate(raw)  # the file alone: no IRIS_* variable, no other file
 
 
 def app_args(cfg: IrisConfig) -> dict[str, Any]:
@@ -84,7 +54,7 @@ def app_args(cfg: IrisConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=set(EXCLUDED_FIELDS))
 
 
-def serve_config(cfg: IrisConfig, source: Path = SOURCE) -> dict[str, Any]:
+def serve_config(cfg: IrisConfig) -> dict[str, Any]:
     """The Serve config (`serve deploy` schema) for this IrisConfig."""
     return {
         "proxy_location": "EveryNode",
@@ -112,7 +82,7 @@ def render_serve_yaml(cfg: IrisConfig, source: Path = SOURCE) -> str:
         "#   serve deploy infra/serve.yaml --address http://<head>:8265   (docs/deploy.md)\n"
         "# `args` is the whole IrisConfig except api_key (nodes set IRIS_API_KEY).\n"
     )
-    return header + dump_yaml(serve_config(cfg, source))
+    return header + dump_yaml(serve_config(cfg))
 
 
 def replace_serve_config_block(manifest: str, serve_yaml: str) -> str:
@@ -136,6 +106,15 @@ def replace_serve_config_block(manifest: str, serve_yaml: str) -> str:
     return "".join([*lines[: start + 1], *body, *lines[end:]])
 
 
+def processor_snippet(checkpoint: str) -> str:
+    """The `model.processor` block for a checkpoint (a directory or a Hugging Face id), to
+    paste into the source, so that no node needs the checkpoint to build the app or to run
+    the CPU tier."""
+    from handlers.imaging import read_processor_config
+
+    return dump_yaml({"model": {"processor": read_processor_config(checkpoint)}})
+
+
 def render(source: Path = SOURCE) -> dict[Path, str]:
     """Every generated file and the text it should have."""
     cfg = load_source(source)
@@ -143,7 +122,7 @@ def render(source: Path = SOURCE) -> dict[Path, str]:
     return {
         SERVE_YAML: serve_yaml,
         RAYSERVICE_YAML: replace_serve_config_block(
-            RAYSERVICE_YAML.read_text(), dump_yaml(serve_config(cfg, source))
+            RAYSERVICE_YAML.read_text(), dump_yaml(serve_config(cfg))
         ),
     }
 
@@ -154,7 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="Do not write; exit 1 if any file differs."
     )
+    parser.add_argument(
+        "--processor-from", metavar="CHECKPOINT", default=None,
+        help="Print the model.processor block of this checkpoint (a local directory or a "
+        "Hugging Face id) to paste into the source, and exit.",
+    )
     opts = parser.parse_args(argv)
+    if opts.processor_from:
+        print(processor_snippet(opts.processor_from), end="")
+        return 0
     drifted = 0
     for path, want in render(opts.source).items():
         have = path.read_text() if path.exists() else ""

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 from http.server import BaseHTTPRequestHandler
+from wsgiref.simple_server import make_server
 
 import pytest
 
-from deployments.run import PortInUse, _ingress_answers, init_ray
+from deployments.run import (
+    SLOW_STARTUP_ENV,
+    SLOW_STARTUP_S,
+    PortInUse,
+    _ingress_answers,
+    holding,
+    init_ray,
+)
 from handlers.config import IrisConfig
 from tests.servers import ImageServer, Route, free_port
 
@@ -22,7 +32,11 @@ def _bindable(port: int) -> bool:
 
 
 def _config(port: int, proxy_port: int | None = None) -> IrisConfig:
-    return IrisConfig(http={"port": port, "proxy_port": proxy_port, "direct_ingress": True})
+    # A free metrics port: init_ray holds it too, and the default (8080) may be taken here.
+    return IrisConfig(
+        http={"port": port, "proxy_port": proxy_port, "direct_ingress": True},
+        metrics_port=free_port(),
+    )
 
 
 def test_init_ray_holds_the_client_ports_while_ray_starts(
@@ -62,6 +76,72 @@ def test_init_ray_refuses_a_port_in_use_before_starting_ray(
     assert started == []
 
 
+def test_init_ray_lets_rays_metrics_agent_take_its_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metrics port is held while Ray starts, and Ray's metrics agent binds it then (on
+    all addresses, SO_REUSEADDR): a plain hold made the agent fail, and the raylet with it
+    ("The current node timed out during startup")."""
+    import ray
+
+    cfg = _config(free_port(), free_port())
+    seen: dict[str, object] = {}
+
+    def fake_init(**kwargs: object) -> None:
+        seen.update(kwargs)
+        seen["slow_startup"] = os.environ.get(SLOW_STARTUP_ENV)
+        server = make_server("", cfg.metrics_port, lambda env, start: [])  # as the agent does
+        server.server_close()
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(SLOW_STARTUP_ENV, raising=False)
+    init_ray(cfg)
+    assert seen["_metrics_export_port"] == cfg.metrics_port
+    # A new instance of its own, even if `ray start` left another cluster's address behind.
+    assert seen["address"] == "local"
+    # Serve's controller inherits a slow-startup warning past what the engine takes to load.
+    assert seen["slow_startup"] == str(SLOW_STARTUP_S)
+    assert SLOW_STARTUP_ENV not in os.environ
+
+
+def _time_wait_port(server_reuses_addr: bool) -> int:
+    """A loopback port whose only socket is a connection in TIME_WAIT on the server side,
+    as a client the server closed on leaves behind."""
+    with socket.socket() as server:
+        if server_reuses_addr:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+        client.close()
+    return int(port)
+
+
+# Serve's direct ingress binds without SO_REUSEADDR (its TIME_WAIT then blocks every bind,
+# even one with it); Ray's metrics agent and most servers bind with it.
+@pytest.mark.parametrize("server_reuses_addr", [False, True])
+def test_holding_takes_a_port_left_in_time_wait(server_reuses_addr: bool) -> None:
+    """A restart right after Ctrl-C was refused: "127.0.0.1:8000 is in use by another
+    process" with nothing listening, only the last run's probe connection in TIME_WAIT."""
+    port = _time_wait_port(server_reuses_addr)
+    assert not _bindable(port)  # what refused the restart: the TIME_WAIT connection
+    with holding("127.0.0.1", [port]):
+        pass
+
+
+def test_holding_still_refuses_a_port_something_listens_on() -> None:
+    with socket.socket() as live:
+        live.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        port = live.getsockname()[1]
+        with pytest.raises(PortInUse, match=f"127.0.0.1:{port} is in use"):
+            with holding("127.0.0.1", [free_port(), port]):
+                pass
+
+
 def _health(echo: bool) -> Route:
     def route(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
@@ -86,3 +166,41 @@ def test_ingress_answers_only_if_it_echoes_the_probe_id(echo: bool, expected: bo
 
 def test_ingress_answers_false_when_nothing_listens() -> None:
     assert _ingress_answers("127.0.0.1", free_port(), wait_s=0.2) is False
+
+
+def test_ingress_probe_leaves_no_time_wait_on_the_ingress_port() -> None:
+    """The probe closes its connection first, so a restart finds the port free, even for
+    a server that binds without SO_REUSEADDR (Serve's direct ingress, HTTP/1.1)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    closed_first: list[str] = []
+
+    def serve_one() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            rid = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                       if line.lower().startswith(b"x-request-id:"))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nx-request-id: " + rid
+                         + b"\r\nContent-Length: 2\r\n\r\n{}")
+            if b"connection: close" in request.lower():
+                closed_first.append("server")  # as uvicorn does: its end goes to TIME_WAIT
+                return
+            while conn.recv(4096):  # keep-alive: the server waits for the client to close
+                pass
+            closed_first.append("client")
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        assert _ingress_answers("127.0.0.1", port, wait_s=5) is True
+        thread.join(10)
+    finally:
+        listener.close()
+    assert not thread.is_alive()
+    assert closed_first == ["client"]
+    assert _bindable(port)

@@ -4,18 +4,18 @@ Fast and offline: no Ray cluster, no network (build_app is called with sockets b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+
+from handlers.config import IrisConfig
+from tests.support import load_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -27,17 +27,7 @@ PRODUCTION_YAML = INFRA / "production.yaml"
 DEPLOYMENT_NAMES = ("ingress", "fetcher", "preprocessor", "llm")
 
 
-def _load_generator() -> ModuleType:
-    # scripts/ is not a package: load the generator from its file, as `python scripts/...` does.
-    spec = importlib.util.spec_from_file_location("gen_infra", ROOT / "scripts" / "gen_infra.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gen_infra", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_generator()
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +71,6 @@ def _production() -> Any:
 
 
 def _same_config(a: Any, b: Any) -> bool:
-    # Compare values: the generator validates through an IrisConfig subclass.
     return bool(a.model_dump(mode="json") == b.model_dump(mode="json"))
 
 
@@ -142,7 +131,7 @@ def test_serve_config_app_is_the_production_iris_config(where: str) -> None:
     assert app["import_path"] == "deployments.app:build_app"
     assert app["route_prefix"] == "/"
     assert "api_key" not in app["args"]
-    cfg = gen._InitOnly(**app["args"])  # extra=forbid: a typo in any key fails here
+    cfg = IrisConfig.model_validate(app["args"])  # extra=forbid: a typo in any key fails here
     assert _same_config(cfg, _production())
     assert app["name"] == cfg.app_name
     assert serve_cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
@@ -363,3 +352,18 @@ def test_build_app_args_alone_give_the_production_config(no_network: list[Any]) 
     cfg = _bound_config(build_app(app_cfg["args"]))
     assert cfg.engine.env == {}, cfg.engine.env
     assert _same_config(cfg, _production())
+
+
+def test_the_pod_monitor_scrapes_a_metrics_port_every_ray_container_declares() -> None:
+    monitor = _yaml(INFRA / "kuberay" / "podmonitor.yaml")
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        # KubeRay starts Ray with --metrics-export-port=8080 unless told otherwise.
+        assert ports.get(endpoint["port"]) == 8080, group.get("groupName", "head")
+        assert "metrics-export-port" not in group.get("rayStartParams", {})

@@ -1,5 +1,6 @@
-"""The generated Serve config deploys with `serve deploy` on a real local Ray cluster, in both
-layouts (the engine in its own LLMServer deployment, and inside ChatIngress).
+"""The generated Serve config deploys with `serve deploy` on a real local Ray cluster. (The
+session suite runs both layouts end to end; this is the deploy path: the CLI, the generated
+config, the API key from the node's environment.)
 
 The config is made by scripts/gen_infra.py's own functions (the code path of infra/serve.yaml)
 from infra/local.yaml, the demo model on this machine's CPU. A separate head node is started
@@ -9,7 +10,6 @@ touches a Ray instance the test session itself may run in-process; teardown kill
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 import shutil
@@ -27,9 +27,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
 from tests.images import data_uri, encode, pattern
-from tests.infra.test_manifests import gen
+from tests.servers import free_port
+from tests.support import load_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_YAML = ROOT / "infra" / "local.yaml"
@@ -40,6 +40,7 @@ HOST = "127.0.0.1"
 DEPLOY_TIMEOUT_S = 420.0
 
 pytestmark = pytest.mark.timeout(600)
+gen = load_generator()
 
 
 @dataclass
@@ -167,16 +168,19 @@ def ray_cluster() -> Iterator[Cluster]:
 
 
 def _local_serve_config(http_port: int) -> dict[str, Any]:
-    """infra/local.yaml through the generator, pointed at this machine's loopback."""
+    """infra/local.yaml through the generator, pointed at this machine's loopback, in the
+    layout clusters deploy with `serve deploy`: the engine in its own LLMServer deployment.
+    (`make serve`'s layout, the engine inside ChatIngress, is deployed by test_make_serve.)"""
     cfg = gen.load_source(LOCAL_YAML)
     cfg = cfg.model_copy(
         update={
             "http": cfg.http.model_copy(update={"host": HOST, "port": http_port}),
             "model": cfg.model.model_copy(update={"source": str(MODEL_DIR.resolve())}),
             "app_name": "iris-deploy-test",
+            "deployments": cfg.deployments.model_copy(update={"engine_in_ingress": False}),
         }
     )
-    return gen.serve_config(cfg, LOCAL_YAML)
+    return gen.serve_config(cfg)
 
 
 def _serve(cluster: Cluster, *args: str, timeout: float = 120) -> str:
@@ -202,17 +206,6 @@ def _wait_running(cluster: Cluster, app_name: str) -> None:
     pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S:.0f} s:\n{yaml.safe_dump(status)}")
 
 
-def _other_layout(app: dict[str, Any]) -> dict[str, Any]:
-    """The same application in the other layout (deployments.engine_in_ingress flipped),
-    under its own route prefix."""
-    other = copy.deepcopy(app)
-    other["name"] = f"{app['name']}-other"
-    other["route_prefix"] = "/other"
-    deployments = other["args"]["deployments"]
-    deployments["engine_in_ingress"] = not deployments["engine_in_ingress"]
-    return other
-
-
 def _chat(client: httpx.Client, prefix: str, model: str, stream: bool) -> httpx.Response:
     image = data_uri(encode(pattern(64, 48, seed=3)))
     body = {
@@ -234,39 +227,32 @@ def _chat(client: httpx.Client, prefix: str, model: str, stream: bool) -> httpx.
 
 
 def test_serve_deploy_on_a_local_ray_cluster(ray_cluster: Cluster, tmp_path: Path) -> None:
-    """Both layouts from one config file: infra/local.yaml's at /, the other at /other (the
-    engine inside ChatIngress, or in its own LLMServer deployment)."""
     http_port = free_port()
     config = _local_serve_config(http_port)
     (app,) = config["applications"]
     assert config["http_options"] == {"host": HOST, "port": http_port}
     assert app["import_path"] == gen.IMPORT_PATH and "api_key" not in app["args"]
     assert app["args"]["engine"]["env"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    other = _other_layout(app)
-    config["applications"].append(other)
     config_path = tmp_path / "serve.yaml"
     config_path.write_text(gen.dump_yaml(config))
 
     t0 = time.monotonic()
     _serve(ray_cluster, "deploy", str(config_path))
     _wait_running(ray_cluster, app["name"])
-    _wait_running(ray_cluster, other["name"])
     deployed_s = time.monotonic() - t0
     apps = (yaml.safe_load(_serve(ray_cluster, "status")) or {})["applications"]
-    for a in (app, other):
-        fused = a["args"]["deployments"]["engine_in_ingress"]
-        assert ("LLMServer" in apps[a["name"]]["deployments"]) is not fused
+    fused = app["args"]["deployments"]["engine_in_ingress"]
+    assert ("LLMServer" in apps[app["name"]]["deployments"]) is not fused
 
     model = app["args"]["model"]["id"]
     with httpx.Client(base_url=f"http://{HOST}:{http_port}", timeout=120) as client:
         # The key comes from the nodes' IRIS_API_KEY, not from the generated args.
         assert client.get("/v1/models").status_code == 401
-        for prefix in ("", "/other"):
-            resp = _chat(client, prefix, model, stream=False)
-            assert resp.status_code == 200, f"{prefix or '/'}: {resp.text}"
-            assert resp.json()["usage"]["completion_tokens"] >= 1
-            streamed = _chat(client, prefix, model, stream=True)
-            assert streamed.status_code == 200, streamed.text
-            assert streamed.text.count('"delta"') >= 2
-            assert streamed.text.endswith("data: [DONE]\n\n")
-    print(f"\n[serve deploy] both apps RUNNING in {deployed_s:.0f} s", file=sys.stderr)
+        resp = _chat(client, "", model, stream=False)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] >= 1
+        streamed = _chat(client, "", model, stream=True)
+        assert streamed.status_code == 200, streamed.text
+        assert streamed.text.count('"delta"') >= 2
+        assert streamed.text.endswith("data: [DONE]\n\n")
+    print(f"\n[serve deploy] RUNNING in {deployed_s:.0f} s", file=sys.stderr)
