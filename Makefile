@@ -14,7 +14,7 @@ $(VENV)/.iris-synced: pyproject.toml uv.lock tests/node/package-lock.json
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
 		{ echo ">> installing uv"; python3 -m pip install --quiet uv; }
 	@echo ">> installing the locked environment into $(VENV) (first run downloads ~3.5 GB)"
-	$(UV) sync --frozen --extra cpu
+	$(UV) sync --frozen --extra cpu --compile-bytecode
 	@echo ">> installing the Node contract-test client (tests/node)"
 	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 	@touch $@
@@ -29,11 +29,12 @@ $(MODEL_DIR)/.complete: scripts/make_demo_model.py
 serve: setup demo-model
 	$(PY) -m deployments.run
 
-test: setup demo-model
+test: setup demo-model lint
 	$(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 
 fmt: setup
 	$(VENV)/bin/ruff format .

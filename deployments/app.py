@@ -1,38 +1,62 @@
-"""build_app: compose the four deployments from one IrisConfig."""
+"""build_app: compose the deployments from one IrisConfig."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.fetcher import ImageFetcher
 from deployments.ingress import ChatIngress
-from deployments.llm_server import LLMServer, llm_serve_options
+from deployments.llm_server import LLMServer
 from deployments.preprocessor import ImagePreprocessor
-from handlers.config import IrisConfig, load_config
+from deployments.serve_options import (
+    fetcher_options,
+    ingress_options,
+    llm_options,
+    preprocessor_options,
+)
+from handlers.config import IrisConfig
+from handlers.config_load import ConfigError, load_config
+from handlers.imaging import read_processor_config
+
+
+def with_processor(cfg: IrisConfig) -> IrisConfig:
+    """The config with model.processor filled in from the checkpoint, read here, once: the
+    CPU tier gets it inline and never needs the weights on its nodes."""
+    if cfg.model.processor is not None:
+        return cfg
+    try:
+        processor = read_processor_config(cfg.model.source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model.processor is not set and the image processor config could not be read "
+            f"from model.source ({cfg.model.source}): {exc}. Set model.processor to the "
+            "checkpoint's preprocessor_config.json (scripts/gen_infra.py --processor-from "
+            "<checkpoint> prints the block)."
+        ) from exc
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"processor": processor})})
 
 
 def build_app(args: dict[str, Any] | IrisConfig | None = None) -> Application:
-    """Serve app builder; `args` (from a Serve config) override YAML/env settings."""
+    """Serve app builder; `args` (a Serve config's inline args) are the whole config."""
     if isinstance(args, IrisConfig):
         cfg = args
     elif args:
-        cfg = load_config(use_yaml=False, **args)  # inline Serve config: the whole config
+        cfg = load_config(use_yaml=False, **args)
     else:
         cfg = load_config()
-    cfg = cfg.resolved()
-    d = cfg.deployments
-    fetcher = ImageFetcher.options(**d.fetcher.serve_options()).bind(cfg)
-    preprocessor = ImagePreprocessor.options(**d.preprocessor.serve_options()).bind(cfg, fetcher)
-    if d.engine_in_ingress:
-        # The engine lives in the ingress replica, which takes the engine's resources and
-        # scaling, and the ingress's HTTP concurrency: the engine's own limits apply inside
-        # (handlers.admission), where Serve's queue in front of LLMServer used to be.
-        limits = ("max_ongoing_requests", "max_queued_requests")
-        http = d.ingress.serve_options()
-        opts = {k: v for k, v in llm_serve_options(cfg).items() if k not in limits}
-        opts.update({k: http[k] for k in limits if k in http})
-        return ChatIngress.options(**opts).bind(cfg, preprocessor, None)
-    llm = LLMServer.options(**llm_serve_options(cfg)).bind(cfg)
-    return ChatIngress.options(**d.ingress.serve_options()).bind(cfg, preprocessor, llm)
+    cfg = with_processor(cfg.resolved())
+    cpu_tier = cfg.for_cpu_tier()
+    fetcher = deployment(ImageFetcher).options(**fetcher_options(cfg)).bind(cpu_tier)
+    preprocessor = deployment(ImagePreprocessor).options(**preprocessor_options(cfg)).bind(
+        cpu_tier, fetcher)
+    # The engine in its own deployment, or (engine_in_ingress) inside ChatIngress.
+    llm = (None if cfg.deployments.engine_in_ingress
+           else deployment(LLMServer).options(**llm_options(cfg)).bind(cfg))
+    return deployment(ChatIngress).options(**ingress_options(cfg)).bind(cfg, preprocessor, llm)
+
+
+def deployment(decorated: object) -> Deployment:
+    """A @serve.deployment class as what the decorator made of it (typed as the class)."""
+    return cast(Deployment, decorated)

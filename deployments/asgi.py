@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ray.exceptions import TaskCancelledError
+
 from handlers.auth import ASGIApp, Scope
 
 DISCONNECT = {"type": "http.disconnect"}
@@ -33,10 +35,7 @@ class CancelledReceiveIsDisconnect:
         async def receive_or_disconnect() -> dict[str, Any]:
             try:
                 return await receive()
-            except Exception as exc:
-                # Matched by name: handlers/ does not import Ray.
-                if type(exc).__name__ == "TaskCancelledError":
-                    return dict(DISCONNECT)
-                raise
+            except TaskCancelledError:
+                return dict(DISCONNECT)
 
         await self.app(scope, receive_or_disconnect, send)

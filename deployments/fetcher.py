@@ -6,6 +6,7 @@ import time
 
 from ray import serve
 
+from deployments.logs import quiet_client_errors
 from deployments.metrics import metrics, scheme_of
 from handlers.config import IrisConfig
 from handlers.fetch import FetchedImage, Fetcher
@@ -14,6 +15,7 @@ from handlers.fetch import FetchedImage, Fetcher
 @serve.deployment(name="ImageFetcher")
 class ImageFetcher:
     def __init__(self, config: IrisConfig) -> None:
+        quiet_client_errors()
         # One Fetcher per replica: its cache and single-flight serve every request here.
         self._fetcher = Fetcher(config.fetch)
         self._seen = {"hits": 0, "misses": 0}

@@ -1,4 +1,5 @@
-"""ChatIngress: the only HTTP surface. Parse -> delegate -> map errors.
+"""ChatIngress: the only HTTP surface. Parse -> prepare the images -> the chat backend ->
+JSON or a relayed stream; every error in one envelope.
 
 Helpers live above the deployment class: Serve ships the ingress class by value, and
 module globals defined after it are not there in the replica."""
@@ -6,15 +7,10 @@ module globals defined after it are not there in the replica."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-from blake3 import blake3  # a third of SHA-256's time on a 9 MB body, still collision-safe
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,33 +18,30 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.llm_server import EngineHost
+from deployments.asgi import CancelledReceiveIsDisconnect
+from deployments.backend import start_backend
+from deployments.contract import EngineRequest, PreparedImage
+from deployments.images import ImagePreparer
 from deployments.metrics import metrics, record_error
-from deployments.preprocessor import PreparedImage
 from deployments.ray_errors import client_error
 from handlers import json_body
-from handlers.asgi import CancelledReceiveIsDisconnect
 from handlers.auth import BearerAuth
-from handlers.cache import SizedLRU
+from handlers.capped import CappedBuffer
 from handlers.config import IrisConfig
 from handlers.errors import (
+    InternalError,
     InvalidRequest,
     IrisError,
     ModelNotFound,
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    PixelsLost,
     RequestTimeout,
 )
-from handlers.protocol import (
-    ImageRef,
-    extract_images,
-    model_card,
-    model_list,
-    parse_envelope,
-)
-
-logger = logging.getLogger("ray.serve")
+from handlers.events import EngineEvent, EventStream, JsonAnswer
+from handlers.protocol import ImageRef, extract_images, model_card, model_list, parse_envelope
+from handlers.sse import SSE_HEADERS, relay
 
 app = FastAPI(title="Iris", docs_url=None, redoc_url=None, openapi_url=None)
 app.state.api_keys = None
@@ -88,84 +81,20 @@ async def _any_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def sse_error(exc: BaseException) -> str:
-    err = client_error(exc)
-    record_error(err)
-    return f"data: {json.dumps(err.envelope())}\n\ndata: [DONE]\n\n"
-
-
-async def relay_stream(
-    first: str, gen: Any, deadline: float, started: float
-) -> AsyncIterator[str]:
-    """Relay SSE chunks; an error after the first byte becomes an SSE error event."""
-    done = False
+async def read_json(request: Request, limit: int) -> Any:
+    """The body, parsed, read no further than `limit` bytes."""
+    body = CappedBuffer(limit, lambda: PayloadTooLarge(
+        f"The request body is larger than {limit} bytes."))
+    body.check_declared(request.headers.get("content-length"))
+    async for chunk in request.stream():
+        body.add(chunk)
     try:
-        yield first
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RequestTimeout("The request took longer than the server allows.")
-            try:
-                kind, payload = await asyncio.wait_for(gen.__anext__(), remaining)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise RequestTimeout("The request took longer than the server allows.") from None
-            if kind == "error":
-                yield sse_error(payload)
-                break
-            yield payload
-        done = True
-        metrics().stage("e2e", time.perf_counter() - started, stream="true")
-    except Exception as exc:
-        yield sse_error(exc)
-    finally:
-        if not done:
-            gen.cancel()  # client went away or we failed: stop the engine request too
+        return json_body.loads(body.getvalue())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.") from None
 
 
-async def data_uri_key(url: str, detail: str) -> tuple[str, str]:
-    """A data: URI is its own content: its hash names the prepared pixels for good."""
-    if len(url) > 1 << 20:  # hashing megabytes would stall the event loop
-        digest = await asyncio.to_thread(lambda: blake3(url.encode()).hexdigest())
-    else:
-        digest = blake3(url.encode()).hexdigest()
-    return digest, detail
-
-
-class LocalChat:
-    """The in-process engine's events (deployments.engine_in_ingress), shaped like the Serve
-    response generator of the LLMServer hop (`__anext__`, `cancel`): one code path for both."""
-
-    def __init__(self, events: AsyncIterator[Any]) -> None:
-        self._events = events
-
-    def __aiter__(self) -> LocalChat:
-        return self
-
-    async def __anext__(self) -> Any:
-        event = await self._events.__anext__()
-        if event[0] != "sse":
-            # A JSON answer or an error is the last event: close the stream now, which frees
-            # the engine's admission slot (the caller reads no further).
-            await self._events.aclose()
-        return event
-
-    def cancel(self) -> None:
-        # Closing the generator runs its finally blocks, which abort the engine request.
-        async def close() -> None:
-            with contextlib.suppress(RuntimeError):  # still running: its cancel closes it
-                await self._events.aclose()
-
-        task = asyncio.ensure_future(close())
-        _closing.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(_closing.discard)
-
-
-_closing: set[asyncio.Future[None]] = set()
-
-
-def _request_id() -> str:
+def request_id() -> str:
     """Serve's request id (the client's x-request-id, or one Serve generated)."""
     try:
         from ray.serve.context import _get_serve_request_context
@@ -175,25 +104,39 @@ def _request_id() -> str:
         return uuid.uuid4().hex
 
 
+def affinity_key(body: dict[str, Any], images: list[PreparedImage]) -> str | None:
+    """What routes requests that share a prefix to one engine replica: the client's
+    prompt_cache_key, else the conversation's first image (ImageAffinityRouter)."""
+    key = body.get("prompt_cache_key")
+    if isinstance(key, str) and key:
+        return f"key:{key}"
+    return f"image:{images[0].uuid}" if images else None
+
+
 @serve.deployment(name="ChatIngress")
 @serve.ingress(app)
 class ChatIngress:
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self, config: IrisConfig, preprocessor: DeploymentHandle, llm: DeploymentHandle | None
     ) -> None:
         self._cfg = config
         self._model_id = config.model.id
-        self._prep = preprocessor
-        self._llm = llm
-        # No LLMServer handle: the engine runs here (deployments.engine_in_ingress).
-        self._engine = await EngineHost.start(config, in_ingress=True) if llm is None else None
+        self._images = ImagePreparer(preprocessor, config)
+        # The engine in this replica, or LLMServer's handle: the rest of the class does not
+        # know which (deployments/backend.py).
+        self._backend = await start_backend(config, llm)
         self._created = int(time.time())
-        # Prepared-pixel refs of recent data: URIs. A repeat skips the preprocessor round
-        # trip (~20 ms on 2 cores); holding the ref keeps the pixels in the object store.
-        self._recent: SizedLRU[PreparedImage] = SizedLRU(config.imaging.cache_max_bytes)
         app.state.api_keys = (
             [k.get_secret_value().encode() for k in config.api_key] if config.api_key else None
         )
+
+    async def check_health(self) -> None:
+        """Serve's health check: this replica is replaced when the engine it holds (if any)
+        cannot be brought back."""
+        await self._backend.check_health()
+
+    async def __del__(self) -> None:
+        await self._backend.shutdown()
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -204,19 +147,17 @@ class ChatIngress:
     async def ready(self) -> JSONResponse:
         """Readiness: the engine can serve."""
         try:
-            health = (self._engine.check_health() if self._engine is not None
-                      else self._llm.check_health.remote())  # type: ignore[union-attr]
-            await asyncio.wait_for(health, 10)
+            await asyncio.wait_for(self._backend.ready(), 10)
         except Exception:
-            err = Overloaded("The engine is not ready.", code="not_ready")
-            return JSONResponse(err.envelope(), status_code=503)
+            err = Overloaded("The engine is not ready.", code="not_ready",
+                             headers={"Retry-After": "5"})
+            return JSONResponse(err.envelope(), status_code=503, headers=err.headers)
         return JSONResponse({"status": "ready"})
 
-    async def stats(self) -> dict[str, int | str]:
-        """The engine's load, for Serve handle callers (not an HTTP route)."""
-        if self._engine is not None:
-            return self._engine.stats()
-        return await self._llm.stats.remote()  # type: ignore[union-attr,no-any-return]
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """The engine's load and counters, when it runs here (Serve polls this; tests and
+        benchmarks read it from the replica)."""
+        return {**await self._backend.stats(), "recent_images": self._images.stats()}
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -230,104 +171,69 @@ class ChatIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        deadline = time.monotonic() + self._cfg.limits.request_timeout_s
+        return await self._within_deadline(self._chat(request))
+
+    async def _within_deadline(self, work: Any) -> Response:
+        """The request's whole life up to its first byte, bounded by limits.request_timeout_s;
+        every exception mapped to the envelope here (Serve would answer some itself)."""
         try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                return await self._chat(request, deadline)
+            async with asyncio.timeout(self._cfg.limits.request_timeout_s):
+                response: Response = await work
+                return response
         except TimeoutError:
-            raise RequestTimeout("The request took longer than the server allows.") from None
-        except IrisError:
-            raise
+            raise RequestTimeout.past_deadline() from None
         except Exception as exc:
-            # Never let a raw exception reach Starlette/Serve: Serve answers some (like
-            # BackPressureError) itself, outside our envelope.
             raise client_error(exc) from None
 
-    async def _chat(self, request: Request, deadline: float) -> Response:
+    async def _chat(self, request: Request) -> Response:
         started = time.perf_counter()
-        m = metrics()
-        body = await self._read_json(request)
+        deadline = time.monotonic() + self._cfg.limits.request_timeout_s
+        body = await read_json(request, self._cfg.limits.max_body_bytes)
         env = parse_envelope(body)
         if env.model != self._model_id:
             raise ModelNotFound(f"The model {env.model!r} does not exist.", param="model")
-        messages, refs = extract_images(env.messages, self._cfg.limits.max_images_per_request)
-        m.images_per_request.observe(len(refs))
-        images = list(await asyncio.gather(*(self._prepare(r) for r in refs)))
-        if refs:
-            m.stage("images", time.perf_counter() - started)
-        total = sum(img.width * img.height for img in images)
-        if total > self._cfg.limits.max_total_pixels:
-            raise InvalidRequest(
-                f"The request's images total {total} pixels after resizing; the limit is "
-                f"{self._cfg.limits.max_total_pixels}.", param="messages", code="too_many_pixels",
-            )
-        body["messages"] = messages
-        rid = _request_id()
-        # vLLM names the engine request after this; unique even if clients reuse ids.
-        body["request_id"] = f"{rid}-{uuid.uuid4().hex[:8]}"
-
-        sent = time.perf_counter()
-        gen = self._open_chat(body, images)
-        try:
-            kind, payload = await gen.__anext__()
-            m.stage("queue", time.perf_counter() - sent)
-        except StopAsyncIteration:
-            raise IrisError("The engine returned nothing.") from None
-        except BaseException as exc:
-            gen.cancel()
-            if isinstance(exc, Exception):
-                raise client_error(exc) from None
-            raise
-        if kind == "json":
-            m.stage("e2e", time.perf_counter() - started, stream="false")
-            return JSONResponse(payload)
-        if kind == "error":
-            gen.cancel()
-            raise payload
-        m.stage("ttft", time.perf_counter() - started, stream="true")
+        body["messages"], refs = extract_images(
+            env.messages, self._cfg.limits.max_images_per_request)
+        metrics().images_per_request.observe(len(refs))
+        first, stream = await self.open_chat(body, refs, deadline, started)
+        if isinstance(first, JsonAnswer):
+            await stream.aclose()
+            metrics().stage("e2e", time.perf_counter() - started, stream="false")
+            return JSONResponse(first.body)
+        metrics().stage("ttft", time.perf_counter() - started, stream="true")
         return StreamingResponse(
-            relay_stream(payload, gen, deadline, started),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            relay(first.text, stream, deadline, on_error=record_error,
+                  on_done=lambda: metrics().stage("e2e", time.perf_counter() - started,
+                                                  stream="true")),
+            media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
-    def _open_chat(self, body: dict[str, Any], images: list[PreparedImage]) -> Any:
-        if self._engine is not None:
-            return LocalChat(self._engine.chat(body, images))
-        return self._llm.options(stream=True).chat.remote(body, images)  # type: ignore[union-attr]
-
-    async def _prepare(self, ref: ImageRef) -> PreparedImage:
-        key = None
-        if ref.url[:5].lower() == "data:":
-            key = await data_uri_key(ref.url, ref.detail)
-            hit = self._recent.get(key)
-            if hit is not None:
-                return hit
-        try:
-            prepared: PreparedImage = await self._prep.prepare.remote(ref.url, ref.detail)
-            if key is not None:
-                self._recent.put(key, prepared, prepared.width * prepared.height * 3)
-            return prepared
-        except Exception as exc:
-            err = client_error(exc)
-            if err.status < 500 and not err.param:
-                err.with_param(ref.param + ".url")
-            raise err from None
-
-    async def _read_json(self, request: Request) -> Any:
-        limit = self._cfg.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-            chunks.append(chunk)
-        try:
-            return json_body.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequest("The request body is not valid JSON.") from None
-
+    async def open_chat(
+        self, body: dict[str, Any], refs: list[ImageRef], deadline: float, started: float
+    ) -> tuple[EngineEvent, EventStream]:
+        """Prepare the images, send the request to the engine, and wait for its first
+        event. If an image's pixels were lost before the engine read them (their node
+        died), prepare them again and send the request once more."""
+        body["request_id"] = f"{request_id()}-{uuid.uuid4().hex[:8]}"  # unique per engine
+        for attempt in (1, 2):
+            images = await self._images.prepare_all(refs, deadline, reuse=attempt == 1)
+            if refs and attempt == 1:
+                metrics().stage("images", time.perf_counter() - started)
+            sent = time.perf_counter()
+            stream = self._backend.chat(EngineRequest(body, images, affinity_key(body, images)))
+            try:
+                first = await anext(stream)
+            except PixelsLost as lost:
+                await stream.aclose()
+                self._images.forget(lost.uuids)
+                if attempt == 2:
+                    raise
+                continue
+            except StopAsyncIteration:
+                raise InternalError("The engine returned nothing.") from None
+            except BaseException:
+                await stream.aclose()
+                raise
+            metrics().stage("queue", time.perf_counter() - sent)
+            return first, stream
+        raise AssertionError("unreachable")

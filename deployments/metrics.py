@@ -16,29 +16,39 @@ LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 IMAGES_BOUNDARIES = [0.5, 1, 2, 3, 4, 6, 8, 12, 16]  # Ray wants positive bounds
 
 
+def tags(*names: str) -> Any:
+    """tag_keys for a metric (Ray annotates them as a 1-tuple; any length works)."""
+    return names
+
+
 class IrisMetrics:
     def __init__(self) -> None:
         self.stage_seconds = m.Histogram(
             "iris_stage_seconds",
             description="Latency per stage: fetch, preprocess, images (all of a request's), "
             "queue (images ready -> engine's first event), ttft, e2e.",
-            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("stage", "scheme", "stream"),
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=tags("stage", "scheme", "stream"),
         )
         self.fetched_bytes = m.Counter(
             "iris_fetched_bytes_total", description="Image bytes fetched, by scheme.",
-            tag_keys=("scheme",),
+            tag_keys=tags("scheme"),
         )
         self.cache_events = m.Counter(
             "iris_fetch_cache_total", description="Fetcher cache lookups, by result.",
-            tag_keys=("result",),
+            tag_keys=tags("result"),
         )
         self.pixels = m.Counter(
             "iris_pixels_total", description="Pixels into (decoded) and out of (resized) the "
-            "preprocessor.", tag_keys=("direction",),
+            "preprocessor.", tag_keys=tags("direction"),
         )
         self.errors = m.Counter(
             "iris_errors_total", description="Errors returned to clients, by type and status.",
-            tag_keys=("type", "status"),
+            tag_keys=tags("type", "status"),
+        )
+        self.retries = m.Counter(
+            "iris_retries_total", description="Calls to an idempotent stage retried because "
+            "the replica serving them died or became unreachable, by stage.",
+            tag_keys=tags("stage"),
         )
         self.images_per_request = m.Histogram(
             "iris_images_per_request", description="Images in each chat request.",

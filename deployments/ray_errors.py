@@ -28,9 +28,7 @@ def client_error(exc: BaseException) -> IrisError:
     """Any exception, from this process or a remote call, as an error a client may see."""
     inner = unwrap(exc)
     if isinstance(inner, BackPressureError):
-        return Overloaded(
-            "The server is at capacity; retry shortly.", headers={"Retry-After": "1"}
-        )
+        return Overloaded.at_capacity()
     if isinstance(inner, GetTimeoutError):
-        return RequestTimeout("The request took longer than the server allows.")
+        return RequestTimeout.past_deadline()
     return to_error(inner)

@@ -26,9 +26,7 @@ class Admission:
     async def slot(self) -> AsyncIterator[None]:
         if self._slots.locked():
             if self._max_waiting is not None and self.waiting >= self._max_waiting:
-                raise Overloaded(
-                    "The server is at capacity; retry shortly.", headers={"Retry-After": "1"}
-                )
+                raise Overloaded.at_capacity()
             self.waiting += 1
             try:
                 await self._slots.acquire()

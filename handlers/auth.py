@@ -47,7 +47,7 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         keys = self._keys()
-        if keys and scope.get("path") not in PUBLIC_PATHS and not bearer_ok(
+        if keys and _route(scope) not in PUBLIC_PATHS and not bearer_ok(
             _header(scope, b"authorization"), keys
         ):
             err = AuthenticationFailed(
@@ -63,6 +63,14 @@ class BearerAuth:
             return
 
         await self.app(scope, receive, send)
+
+
+def _route(scope: Scope) -> str:
+    """The path within the app: an app under a route prefix (Serve's root_path) sees it
+    in front of every path."""
+    path = str(scope.get("path", ""))
+    prefix = str(scope.get("root_path", "")).rstrip("/")
+    return path[len(prefix):] or "/" if prefix and path.startswith(prefix + "/") else path
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -3,44 +3,46 @@
 We reuse vLLM's `OpenAIServingChat` (templating, sampling params, logprobs, tools,
 response_format, usage) instead of rewriting it. The only thing we change is how
 images arrive: as `image_pil` parts carrying a content uuid, already at target size.
+Errors are raised as IrisErrors, including the error chunk vLLM writes into a stream.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal, Protocol
+from argparse import Namespace
+from collections.abc import Sequence
+from contextlib import aclosing
+from typing import Any, NoReturn
 
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
 from handlers.config import IrisConfig
-from handlers.errors import InvalidRequest, IrisError, error_from_openai_payload, to_error
+from handlers.config_load import ConfigError
+from handlers.errors import (
+    EngineUnavailable,
+    InvalidRequest,
+    IrisError,
+    error_from_openai_payload,
+    to_error,
+)
+from handlers.events import EventStream, JsonAnswer, SseChunk
 from handlers.protocol import validation_message
 
 # A child of Serve's logger: in a replica, its lines go to the replica log with the request id.
 logger = logging.getLogger("ray.serve.iris.engine")
 
-Kind = Literal["json", "sse", "error"]
-Event = tuple[Kind, Any]
-
-
-class ChatEngine(Protocol):
-    """What LLMServer needs from an engine."""
-
-    async def chat(
-        self, body: dict[str, Any], images: Sequence[tuple[np.ndarray, str]]
-    ) -> AsyncIterator[Event]: ...
-
-    async def check_health(self) -> None: ...
-
-    def num_unfinished(self) -> int: ...
+# vLLM writes a failure inside a stream as one of these, then [DONE].
+_ERROR_CHUNK = 'data: {"error"'
 
 
 def engine_cli_args(cfg: IrisConfig) -> list[str]:
-    """vLLM server arguments for this config (the same flags `vllm serve` takes)."""
+    """vLLM server arguments for this config (the same flags `vllm serve` takes), with
+    engine.extra_args last."""
     e = cfg.engine
     args = [
         "--model", cfg.model.source,
@@ -52,54 +54,60 @@ def engine_cli_args(cfg: IrisConfig) -> list[str]:
         "--gpu-memory-utilization", str(e.gpu_memory_utilization),
         "--max-num-seqs", str(e.max_num_seqs),
         "--limit-mm-per-prompt", f'{{"image": {e.limit_images_per_prompt}}}',
-        "--disable-log-stats",
+        # usage.prompt_tokens_details.cached_tokens in every answer.
+        "--enable-prompt-tokens-details",
     ]
     if e.enforce_eager:
         args.append("--enforce-eager")
     if e.tensor_parallel_size * e.pipeline_parallel_size > 1:
-        # Shards run as Ray actors inside the replica's placement group (see engine_placement).
+        # Shards run as Ray actors inside the replica's placement group (serve_options).
         args += ["--distributed-executor-backend", "ray"]
-    return args
+    if e.tool_call_parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", e.tool_call_parser]
+    return args + extra_cli_args(e.extra_args)
 
 
-def engine_placement(cfg: IrisConfig) -> dict[str, Any]:
-    """Placement group for one engine replica: the replica actor's bundle, then one bundle
-    per model shard (tensor x pipeline parallel). Tensor-parallel shards share a node
-    (STRICT_PACK); pipeline stages may span nodes (PACK). CPU-only configs take the same
-    path with CPU bundles, so tests exercise it."""
-    e, d = cfg.engine, cfg.deployments.llm
-    shards = e.tensor_parallel_size * e.pipeline_parallel_size
-    cpus = d.num_cpus if d.num_cpus is not None else 1.0
-    gpus = d.num_gpus or 0.0
-    if shards == 1:
-        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})}]
-    else:
-        shard = {"CPU": 1.0, **({"GPU": 1.0} if gpus else {})}
-        bundles = [{"CPU": cpus}] + [dict(shard) for _ in range(shards)]
-    strategy = "STRICT_PACK" if e.pipeline_parallel_size == 1 else "PACK"
-    return {"placement_group_bundles": bundles, "placement_group_strategy": strategy}
-
-
-def attach_images(
-    messages: list[dict[str, Any]], images: Sequence[tuple[Any, str]]
-) -> list[dict[str, Any]]:
-    """Replace image_url parts, in order, with vLLM `image_pil` parts (pixels + uuid)."""
-    it = iter(images)
-    out: list[dict[str, Any]] = []
-    for msg in messages:
-        content = msg.get("content")
-        if isinstance(content, list):
-            new_content = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "image_url":
-                    pil, uuid = next(it)
-                    part = {"type": "image_pil", "image_pil": pil, "uuid": uuid}
-                new_content.append(part)
-            msg = {**msg, "content": new_content}
-        out.append(msg)
-    if next(it, None) is not None:
-        raise IrisError("More images than image parts.")
+def extra_cli_args(extra: dict[str, Any]) -> list[str]:
+    """engine.extra_args as command-line flags: {max_num_batched_tokens: 64} ->
+    --max-num-batched-tokens 64; true -> the flag; false -> --no-flag; maps and lists as JSON."""
+    out: list[str] = []
+    for key, value in extra.items():
+        flag = "--" + key.strip().lower().replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + flag[2:])
+        elif value is not None:
+            out += [flag, json.dumps(value) if isinstance(value, dict | list) else str(value)]
     return out
+
+
+def parse_engine_args(cfg: IrisConfig) -> Namespace:
+    """The config through vLLM's own argument parser: an unknown or ill-typed
+    engine.extra_args entry stops the start with vLLM's message, naming the field."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class RaisingParser(FlexibleArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise ConfigError(f"engine.extra_args: vLLM refused the engine arguments: {message}")
+
+    parser = make_arg_parser(RaisingParser(prog="iris-engine"))  # type: ignore[no-untyped-call]
+    known = parser._option_string_actions
+    for key in cfg.engine.extra_args:
+        flag = "--" + key.strip().lower().replace("_", "-")
+        if flag not in known:
+            close = difflib.get_close_matches(flag, list(known), n=1)
+            hint = f"; did you mean {close[0][2:].replace('-', '_')}?" if close else ""
+            raise ConfigError(f"engine.extra_args.{key} is not a vLLM engine argument{hint}")
+    argv = engine_cli_args(cfg)
+    # `false` for a flag that has no --no- form (store_true) means: leave it off.
+    argv = [a for a in argv if not (a.startswith("--no-") and a not in
+                                    parser._option_string_actions
+                                    and "--" + a[5:] in parser._option_string_actions)]
+    args: Namespace = parser.parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
 
 
 # vLLM picks its media connector by this name (VLLM_MEDIA_CONNECTOR) for every URL in a request.
@@ -127,44 +135,68 @@ def refuse_engine_fetches() -> None:
     os.environ["VLLM_MEDIA_CONNECTOR"] = NO_FETCH_CONNECTOR
 
 
+def attach_images(
+    messages: list[dict[str, Any]], images: Sequence[tuple[Any, str]]
+) -> list[dict[str, Any]]:
+    """Replace image_url parts, in order, with vLLM `image_pil` parts (pixels + uuid)."""
+    it = iter(images)
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            new_content = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    pil, uuid = next(it)
+                    part = {"type": "image_pil", "image_pil": pil, "uuid": uuid}
+                new_content.append(part)
+            msg = {**msg, "content": new_content}
+        out.append(msg)
+    if next(it, None) is not None:
+        raise IrisError("More images than image parts.")
+    return out
+
+
 class VllmChatEngine:
     """An in-process vLLM AsyncLLM plus vLLM's OpenAIServingChat."""
 
-    def __init__(self, engine: Any, serving_chat: Any) -> None:
+    def __init__(self, engine: Any, serving_chat: Any, cache_totals: Any = None) -> None:
         self._engine = engine
         self._chat = serving_chat
+        self._totals = cache_totals
 
     @classmethod
     async def start(cls, cfg: IrisConfig) -> VllmChatEngine:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.cli_args import (
-            make_arg_parser,
-            validate_parsed_serve_args,
-        )
         from vllm.usage.usage_lib import UsageContext
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from handlers.engine_stats import stat_loggers
+
         refuse_engine_fetches()
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(cfg))
-        for key, value in cfg.engine.extra_args.items():
-            setattr(args, key.replace("-", "_"), value)
-        validate_parsed_serve_args(args)
+        args = parse_engine_args(cfg)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(
             usage_context=UsageContext.OPENAI_API_SERVER
         )
+        totals, loggers = stat_loggers(cfg.engine.metrics)
         engine = AsyncLLM.from_vllm_config(
             vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             enable_log_requests=False,
-            disable_log_stats=True,
+            disable_log_stats=True,  # no periodic log lines; the loggers below still run
+            stat_loggers=loggers,
         )
         state = State()
         await init_app_state(engine, state, args, await engine.get_supported_tasks())
-        return cls(engine, state.openai_serving_chat)
+        return cls(engine, state.openai_serving_chat, totals)
+
+    @property
+    def errored(self) -> bool:
+        """The engine is dead (its core process exited): nothing more will be served."""
+        return bool(self._engine.errored)
 
     async def check_health(self) -> None:
         await self._engine.check_health()
@@ -173,12 +205,20 @@ class VllmChatEngine:
         """Requests the engine still holds (running or waiting)."""
         return int(self._engine.get_num_unfinished_requests())
 
+    def pids(self) -> list[int]:
+        """The engine's core processes (each starts its workers as its children)."""
+        manager = getattr(self._engine.engine_core.resources, "engine_manager", None)
+        return [p.pid for p in getattr(manager, "processes", []) if p.pid is not None]
+
+    def cache_stats(self) -> dict[str, int]:
+        return self._totals.as_dict() if self._totals is not None else {}
+
     def shutdown(self) -> None:
         self._engine.shutdown()
 
     async def chat(
         self, body: dict[str, Any], images: Sequence[tuple[np.ndarray, str]]
-    ) -> AsyncIterator[Event]:
+    ) -> EventStream:
         from vllm.entrypoints.openai.chat_completion.protocol import (
             ChatCompletionRequest,
             ChatCompletionResponse,
@@ -191,28 +231,27 @@ class VllmChatEngine:
             request = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             msg, param = validation_message(exc)
-            yield "error", InvalidRequest(msg, param=param)
-            return
+            raise InvalidRequest(msg, param=param) from None
         try:
             result = await self._chat.create_chat_completion(request, None)
         except Exception as exc:  # vLLM raises some client errors instead of returning
-            err = create_error_response(exc)
-            yield "error", _from_vllm_error(err, exc)
-            return
+            self._raise(create_error_response(exc).model_dump(), exc)
         if isinstance(result, ChatCompletionResponse):
-            yield "json", result.model_dump(mode="json", exclude_none=True)
+            yield JsonAnswer(result.model_dump(mode="json", exclude_none=True))
             return
         if not hasattr(result, "__aiter__"):  # ErrorResponse
-            yield "error", _from_vllm_error(result, None)
-            return
-        async for chunk in result:
-            yield "sse", chunk
+            self._raise(result.model_dump(), None)
+        async with aclosing(result) as chunks:  # closing it aborts the engine request
+            async for chunk in chunks:
+                if chunk.startswith(_ERROR_CHUNK):
+                    self._raise(json.loads(chunk[len("data: "):].split("\n", 1)[0]), None)
+                yield SseChunk(chunk)
 
-
-def _from_vllm_error(err: Any, exc: BaseException | None) -> IrisError:
-    payload = err.model_dump() if hasattr(err, "model_dump") else {}
-    info = payload.get("error", {})
-    status = int(info.get("code") or 500)
-    if status >= 500 and exc is not None:
-        return to_error(exc)
-    return error_from_openai_payload(status, payload)
+    def _raise(self, payload: dict[str, Any], exc: BaseException | None) -> NoReturn:
+        """vLLM's error (an ErrorResponse, or its error chunk) as Iris's."""
+        if self.errored:
+            raise EngineUnavailable.restarting()
+        status = int(payload.get("error", {}).get("code") or 500)
+        if status >= 500 and exc is not None:
+            raise to_error(exc)
+        raise error_from_openai_payload(status, payload)

@@ -83,6 +83,10 @@ class ImageError(InvalidRequest):
 class ImageTooLarge(ImageError):
     code = "image_too_large"
 
+    @classmethod
+    def over_cap(cls, cap: int) -> ImageTooLarge:
+        return cls(f"The image is larger than the {cap}-byte limit.")
+
 
 class ImageNotFound(ImageError):
     code = "image_not_found"
@@ -94,6 +98,12 @@ class FetchForbidden(ImageError):
 
 class FetchTimeout(ImageError):
     code = "image_fetch_timeout"
+
+
+class ImageUnreachable(ImageError):
+    """The image's host could not be resolved or connected to: the URL's fault."""
+
+    code = "image_unreachable"
 
 
 class UpstreamUnavailable(IrisError):
@@ -131,11 +141,50 @@ class Overloaded(IrisError):
     type = "overloaded_error"
     code = "server_overloaded"
 
+    @classmethod
+    def at_capacity(cls) -> Overloaded:
+        """A queue in front of the engine is full (Serve's, or the in-process one)."""
+        return cls("The server is at capacity; retry shortly.", headers={"Retry-After": "1"})
+
+
+class EngineUnavailable(IrisError):
+    """The engine is down (dead, or restarting): the request was not served; retry."""
+
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"
+    RETRY_AFTER_S = 10
+
+    @classmethod
+    def restarting(cls) -> EngineUnavailable:
+        return cls("The model engine is restarting; retry shortly.",
+                   headers={"Retry-After": str(cls.RETRY_AFTER_S)})
+
+
+class PixelsLost(IrisError):
+    """A prepared image's pixels are gone from the object store (their node died). Raised
+    before the engine produced anything, so the caller may prepare them again and retry."""
+
+    status = 503
+    type = "server_error"
+    code = "image_pixels_lost"
+
+    def __init__(self, uuids: list[str], **kwargs: Any) -> None:
+        super().__init__("Prepared images were lost; retry.", **kwargs)
+        self.uuids = uuids
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PixelsLost, (self.uuids,))
+
 
 class RequestTimeout(IrisError):
     status = 504
     type = "timeout_error"
     code = "request_timeout"
+
+    @classmethod
+    def past_deadline(cls) -> RequestTimeout:
+        return cls("The request took longer than the server allows.")
 
 
 class InternalError(IrisError):
@@ -177,7 +226,7 @@ def to_error(exc: BaseException) -> IrisError:
             inner.message = _LEAK.sub("[...]", inner.message)
         return inner
     if isinstance(inner, TimeoutError):
-        return RequestTimeout("The request took longer than the server allows.")
+        return RequestTimeout.past_deadline()
     logger.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
     return InternalError(GENERIC_500)
 

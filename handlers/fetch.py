@@ -21,14 +21,14 @@ import httpx
 
 from handlers.cache import ImageCache, SingleFlight, http_cache_ttl
 from handlers.config import FetchSettings
-from handlers.errors import FetchForbidden, FetchTimeout, ImageError
+from handlers.errors import FetchForbidden, FetchTimeout, ImageError, ImageUnreachable
+from handlers.formats import sniff_media_type
 from handlers.media import (
     Cache,
     FetchedImage,
     Source,
     decode_data_uri,
     finish,
-    sniff_media_type,
 )
 from handlers.netguard import Resolver, check_url, guarded_transport, next_hop, read_body
 from handlers.s3_source import S3Source, parse_s3_url
@@ -106,7 +106,7 @@ class HttpSource:
                 f"The image server sent nothing for {self._s.read_timeout_s:g} s."
             ) from exc
         except httpx.ConnectError as exc:
-            raise ImageError("Could not connect to the image server.") from exc
+            raise ImageUnreachable("Could not connect to the image server.") from exc
         except httpx.RemoteProtocolError as exc:
             raise ImageError("The image server broke off or sent a malformed response.") from exc
         except httpx.HTTPError as exc:
@@ -133,7 +133,7 @@ class Fetcher:
             raise ImageError("The image URL is empty.")
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            return finish(decode_data_uri(url, self._s.max_image_bytes))
+            return finish(decode_data_uri(url, self._s.max_image_bytes), inline=True)
         source = self._sources.get(scheme)
         if source is None:
             raise FetchForbidden(

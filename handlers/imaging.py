@@ -21,23 +21,26 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from PIL import Image, JpegImagePlugin
+from PIL import Image, ImageFile, JpegImagePlugin
 
+from handlers.config import FAST_MIN_HEADROOM
 from handlers.errors import ImageError, ImageTooLarge
+from handlers.formats import NAMES, PILLOW_FORMATS
+from handlers.protocol import Detail
 
 # We check the pixel count ourselves (from the header, before decoding) and give a 400.
 Image.MAX_IMAGE_PIXELS = None
 
-Detail = Literal["auto", "low", "high"]
 Fidelity = Literal["exact", "fast"]
 T = TypeVar("T")
 
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses anything beyond this.
 MIN_SIDE = 2  # A 1-pixel side carries no picture, and HF's processor may read it as channels.
 
-# Raster formats decoded in-process by Pillow. A subset of vLLM's allowlist: the formats
-# clients actually send (MPO, phones' multi-picture JPEG, opens through the JPEG plugin).
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# Raster formats decoded in-process by Pillow (handlers/formats.py). A subset of vLLM's
+# allowlist: the formats clients actually send (MPO, phones' multi-picture JPEG, opens
+# through the JPEG plugin).
+ALLOWED_FORMATS = PILLOW_FORMATS
 
 WHITE = (255, 255, 255)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -51,15 +54,6 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_SIDES = (5, 6, 7, 8)
-
-# Fast mode drafts a JPEG only if the reduced decode is still this many times the target
-# size. libjpeg's scaled IDCT is a sharper low-pass than the bicubic antialias filter, so
-# the closer the draft is to the target, the more fine detail differs. Measured PSNR
-# against exact (geometry-aligned resize): photo-like content >= 44 dB from 1.1x, white
-# noise 31 dB at 1.5x / 37 dB at 2x / 41 dB at 2.5x, 2 px text 33 / 36 / 38 dB. 1.5
-# keeps the common case fast (a 12 MP photo to a 1 MP target decodes at 1/2 scale).
-FAST_MIN_HEADROOM = 2.0
-
 
 @dataclass(frozen=True)
 class ProcessorGeometry:
@@ -79,29 +73,28 @@ class ProcessorGeometry:
         return (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
 
 
-def _processor_json(model_dir: str | Path) -> dict[str, Any]:
-    """The image processor's settings: preprocessor_config.json (most checkpoints) or the
-    `image_processor` section of processor_config.json (what transformers 5 writes)."""
-    local = Path(model_dir)
+def read_processor_config(source: str | Path) -> dict[str, Any]:
+    """The image processor's settings from a checkpoint (a local directory, or a Hugging Face
+    id through the local HF cache or the hub): preprocessor_config.json (most checkpoints) or
+    the `image_processor` section of processor_config.json (what transformers 5 writes)."""
+    local = Path(source)
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = local / name
         if not local.is_dir():
-            # A Hugging Face id: the file comes from the local HF cache (or the hub).
             from huggingface_hub import hf_hub_download
 
             try:
-                path = Path(hf_hub_download(str(model_dir), name))
+                path = Path(hf_hub_download(str(source), name))
             except Exception:
                 continue
         if path.exists():
             cfg = json.loads(path.read_text())
-            return cfg.get("image_processor", cfg)
-    raise FileNotFoundError(f"no image processor config found for model {model_dir}")
+            return dict(cfg.get("image_processor", cfg))
+    raise FileNotFoundError(f"no image processor config found for model {source}")
 
 
-def load_geometry(model_dir: str | Path) -> ProcessorGeometry:
-    """Patch/merge size and pixel bounds from the model's image processor config."""
-    cfg = _processor_json(model_dir)
+def geometry_from(cfg: dict[str, Any]) -> ProcessorGeometry:
+    """Patch/merge size and pixel bounds from the image processor's settings."""
     size = cfg.get("size") or {}
     return ProcessorGeometry(
         patch_size=int(cfg.get("patch_size", 14)),
@@ -111,15 +104,16 @@ def load_geometry(model_dir: str | Path) -> ProcessorGeometry:
     )
 
 
+def load_geometry(source: str | Path) -> ProcessorGeometry:
+    """geometry_from the checkpoint's own processor config (benchmarks, tests)."""
+    return geometry_from(read_processor_config(source))
+
+
 def smart_resize(
     height: int, width: int, factor: int, min_pixels: int, max_pixels: int
 ) -> tuple[int, int]:
     """Qwen2-VL's rule: sides divisible by `factor`, pixels within bounds, aspect kept."""
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ImageError(
-            f"Image aspect ratio {width}x{height} is more extreme than the model accepts "
-            f"(at most {MAX_ASPECT_RATIO}:1)."
-        )
+    check_aspect(width, height)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -141,6 +135,10 @@ def check_size(width: int, height: int) -> None:
             f"The image is {width}x{height} pixels; the model needs at least {MIN_SIDE} "
             "pixels on each side."
         )
+    check_aspect(width, height)
+
+
+def check_aspect(width: int, height: int) -> None:
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise ImageError(
             f"Image aspect ratio {width}x{height} is more extreme than the model accepts "
@@ -203,8 +201,7 @@ def open_image(data: bytes, max_decoded_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Exception as exc:
         raise ImageError(
-            "The image could not be decoded: not a supported image format "
-            "(JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF)."
+            f"The image could not be decoded: not a supported image format ({NAMES})."
         ) from exc
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -274,7 +271,8 @@ def _decode(img: Image.Image, orientation: int, size: int) -> np.ndarray:
     # Feed the decoder everything in one call (Pillow reads 64 KiB at a time): the GIL is
     # released per call, and each re-acquire can wait a switch interval (5 ms) when
     # another thread is busy. PNG still goes IDAT chunk by chunk.
-    img.decodermaxblock = max(img.decodermaxblock, size)
+    if isinstance(img, ImageFile.ImageFile):
+        img.decodermaxblock = max(img.decodermaxblock, size)
     img.load()
     if orientation != 1:
         img = img.transpose(_TRANSPOSE[orientation])  # what exif_transpose does
@@ -353,7 +351,7 @@ def prepare_image(
     the GIL for the heavy loops.
     `fidelity="fast"` decodes big JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling)
     when that still leaves `fast_headroom` x the target size, then does the same bicubic
-    antialias resize (see FAST_MIN_HEADROOM for the quality this buys).
+    antialias resize (handlers.config.FAST_MIN_HEADROOM: the quality this buys).
     """
     img = open_image(data, max_decoded_pixels)
     # Both checks are symmetric in width/height, so they need no EXIF (which, for a PNG,

@@ -13,6 +13,7 @@ import pybase64
 
 from handlers.cache import ImageCache
 from handlers.errors import ImageError, ImageTooLarge
+from handlers.formats import NAMES, sniff_media_type
 
 
 @dataclass(frozen=True)
@@ -22,32 +23,13 @@ class FetchedImage:
     sha256: str
 
 
-def sniff_media_type(data: bytes) -> str | None:
-    """Judge the media type from the bytes, never from a header."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data.startswith(b"BM"):
-        return "image/bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "image/tiff"
-    return None
-
-
-def finish(data: bytes) -> FetchedImage:
+def finish(data: bytes, *, inline: bool = False) -> FetchedImage:
+    """The fetched bytes, judged. inline: they came in a data: URI, not from a server."""
     media_type = sniff_media_type(data)
     if media_type is None:
-        raise ImageError("The URL did not return an image (JPEG, PNG, WebP, GIF, BMP or TIFF).")
+        what = "The data: URL does not hold" if inline else "The URL did not return"
+        raise ImageError(f"{what} an image ({NAMES}).")
     return FetchedImage(data, media_type, hashlib.sha256(data).hexdigest())
-
-
-def too_large(cap: int) -> ImageTooLarge:
-    return ImageTooLarge(f"The image is larger than the {cap}-byte limit.")
 
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)"
@@ -61,13 +43,13 @@ def decode_data_uri(url: str, max_bytes: int) -> bytes:
         raise ImageError("A data: image URL must be of the form data:image/<type>;base64,<data>.")
     payload = url[m.end():]
     if len(payload) * 3 // 4 > max_bytes + 3:
-        raise too_large(max_bytes)
+        raise ImageTooLarge.over_cap(max_bytes)
     try:
         data = pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError("The data: URL is not valid base64.") from exc
     if len(data) > max_bytes:
-        raise too_large(max_bytes)
+        raise ImageTooLarge.over_cap(max_bytes)
     return data
 
 

@@ -12,16 +12,19 @@ again on every redirect hop; `read_body` maps statuses and caps bytes while stre
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
 import ssl
 import typing
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpcore
 import httpx
 
+from handlers.capped import CappedBuffer
 from handlers.config import FetchSettings
 from handlers.errors import (
     FetchForbidden,
@@ -29,6 +32,7 @@ from handlers.errors import (
     ImageError,
     ImageNotFound,
     ImageTooLarge,
+    ImageUnreachable,
     UpstreamUnavailable,
 )
 
@@ -149,10 +153,18 @@ def check_url(url: str, settings: FetchSettings) -> httpx.URL:
     return parsed.copy_with(fragment=None)
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """getaddrinfo in a thread (it blocks); returns address strings in preference order."""
-    infos = await asyncio.to_thread(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
+class SystemResolver:
+    """getaddrinfo in a thread pool of its own (it blocks, and a slow DNS server must not take
+    the threads that S3 reads or anything else need); address strings in preference order."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="iris-dns")
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        infos = await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(socket.getaddrinfo, host, port,
+                                          type=socket.SOCK_STREAM))
+        return [str(info[4][0]) for info in infos]
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):
@@ -165,7 +177,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         inner: httpcore.AsyncNetworkBackend | None = None,
     ) -> None:
         self._s = settings
-        self._resolve = resolver or system_resolver
+        self._resolve = resolver or SystemResolver(settings.dns_threads)
         self._inner = inner or httpcore.AnyIOBackend()
 
     async def _addresses(self, host: str, port: int, limit_s: float | None) -> list[IPAddress]:
@@ -177,7 +189,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         except TimeoutError as exc:
             raise FetchTimeout("Resolving the image host timed out.") from exc
         except OSError as exc:
-            raise ImageError(f"The image host {host!r} could not be resolved.") from exc
+            raise ImageUnreachable(f"The image host {host!r} could not be resolved.") from exc
         out: list[IPAddress] = []
         for name in names:
             ip = parse_ip(name)
@@ -186,7 +198,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             if ip not in out:
                 out.append(ip)
         if not out:
-            raise ImageError(f"The image host {host!r} could not be resolved.")
+            raise ImageUnreachable(f"The image host {host!r} could not be resolved.")
         return out
 
     async def connect_tcp(
@@ -279,18 +291,8 @@ async def read_body(resp: httpx.Response, cap: int) -> bytes:
         raise UpstreamUnavailable(f"The image server returned HTTP {status}.")
     if status != 200:
         raise ImageError(f"The image URL returned HTTP {status}.")
-    declared = resp.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise _too_large(cap)  # honest servers are refused before any body is read
-    chunks: list[bytes] = []
-    size = 0
+    body = CappedBuffer(cap, lambda: ImageTooLarge.over_cap(cap))
+    body.check_declared(resp.headers.get("content-length"))  # honest servers: refused at once
     async for chunk in resp.aiter_raw():  # the cap, not the header, bounds the read
-        size += len(chunk)
-        if size > cap:
-            raise _too_large(cap)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(cap: int) -> ImageTooLarge:
-    return ImageTooLarge(f"The image is larger than the {cap}-byte limit.")
+        body.add(chunk)
+    return body.getvalue()

@@ -6,18 +6,23 @@ import asyncio
 import random
 import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from handlers.capped import CappedBuffer
 from handlers.config import FetchSettings
 from handlers.errors import (
     FetchForbidden,
+    FetchTimeout,
     ImageError,
     ImageNotFound,
+    ImageTooLarge,
     UpstreamUnavailable,
 )
-from handlers.media import Cache, FetchedImage, finish, too_large
+from handlers.media import Cache, FetchedImage, finish
 
 _CHUNK = 64 << 10
 
@@ -85,8 +90,11 @@ def _s3_error(exc: Exception, bucket: str, key: str, version: str | None) -> tup
 class S3Source:
     """s3://bucket/key[?versionId=...] through boto3's standard credential chain.
 
-    Blocking boto3 calls run in threads. Retries (throttling, 5xx, connection errors) are
-    ours, with exponential backoff and jitter, and stop before the fetch deadline.
+    Blocking boto3 calls run in a thread pool of the source's own (fetch.s3_threads), never
+    asyncio's default one, which DNS look-ups and everything else share; one bucket may hold
+    at most half of it, so a hung bucket cannot starve fetches from the others. Retries
+    (throttling, 5xx, connection errors) are ours, with exponential backoff and jitter, and
+    stop before the fetch deadline; the read loop checks the deadline between chunks.
     """
 
     def __init__(
@@ -105,12 +113,21 @@ class S3Source:
         self._max_attempts = max_attempts
         self._base = backoff_base_s
         self._max_backoff = backoff_max_s
+        self._pool = ThreadPoolExecutor(settings.s3_threads, thread_name_prefix="iris-s3")
+        self._per_bucket = max(1, settings.s3_threads // 2)
+        self._buckets: dict[str, asyncio.Semaphore] = {}
 
     def _get_client(self) -> Any:
         with self._lock:  # one client per replica; boto3 clients are thread-safe to share
             if self._client is None:
                 self._client = self._factory()
             return self._client
+
+    def _bucket_slots(self, bucket: str) -> asyncio.Semaphore:
+        slots = self._buckets.get(bucket)
+        if slots is None:
+            slots = self._buckets[bucket] = asyncio.Semaphore(self._per_bucket)
+        return slots
 
     async def get(self, url: str, cache: Cache) -> FetchedImage:
         bucket, key, version = parse_s3_url(url)
@@ -120,17 +137,18 @@ class S3Source:
                 f"S3 bucket {bucket!r} is not allowed; add it to fetch.s3_allowed_buckets "
                 "(IRIS_FETCH__S3_ALLOWED_BUCKETS)."
             )
-        deadline = asyncio.get_running_loop().time() + self._s.total_timeout_s
+        deadline = time.monotonic() + self._s.total_timeout_s
         args = (bucket, key, version)
-        head = await self._retrying(self._head_sync, args, deadline)
-        cache_key = ("s3", bucket, key, version)
-        if head is not None:
-            if int(head.get("ContentLength") or 0) > self._s.max_image_bytes:
-                raise too_large(self._s.max_image_bytes)
-            hit = cache.get(cache_key, validator=head.get("ETag"))
-            if hit is not None:
-                return hit
-        data, etag = await self._retrying(self._get_sync, args, deadline)
+        async with self._bucket_slots(bucket):
+            head = await self._retrying(self._head_sync, args, deadline)
+            cache_key = ("s3", bucket, key, version)
+            if head is not None:
+                if int(head.get("ContentLength") or 0) > self._s.max_image_bytes:
+                    raise ImageTooLarge.over_cap(self._s.max_image_bytes)
+                hit = cache.get(cache_key, validator=head.get("ETag"))
+                if hit is not None:
+                    return hit
+            data, etag = await self._retrying(self._get_sync, args, deadline)
         image = finish(data)
         cache.put(cache_key, image, validator=etag)
         return image
@@ -142,7 +160,7 @@ class S3Source:
         loop = asyncio.get_running_loop()
         for attempt in range(self._max_attempts):
             try:
-                return await asyncio.to_thread(fn, *args)
+                return await loop.run_in_executor(self._pool, fn, *args, deadline)
             except (ClientError, BotoCoreError) as exc:
                 retry, error = _s3_error(exc, *args)
                 if not retry or attempt + 1 >= self._max_attempts:
@@ -150,12 +168,14 @@ class S3Source:
                 # Exponential backoff with equal jitter, never past the fetch deadline.
                 step = min(self._max_backoff, self._base * 2**attempt)
                 delay = step / 2 + random.uniform(0, step / 2)
-                if loop.time() + delay >= deadline:
+                if time.monotonic() + delay >= deadline:
                     raise error from exc
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _head_sync(self, bucket: str, key: str, version: str | None) -> dict[str, Any] | None:
+    def _head_sync(
+        self, bucket: str, key: str, version: str | None, deadline: float
+    ) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
         extra = {"VersionId": version} if version else {}
@@ -169,24 +189,27 @@ class S3Source:
                 return None
             raise
 
-    def _get_sync(self, bucket: str, key: str, version: str | None) -> tuple[bytes, str | None]:
+    def _get_sync(
+        self, bucket: str, key: str, version: str | None, deadline: float
+    ) -> tuple[bytes, str | None]:
         cap = self._s.max_image_bytes
         extra = {"VersionId": version} if version else {}
         obj = self._get_client().get_object(Bucket=bucket, Key=key, **extra)
         body = obj["Body"]
+        data = CappedBuffer(cap, lambda: ImageTooLarge.over_cap(cap))
         try:
-            if int(obj.get("ContentLength") or 0) > cap:
-                raise too_large(cap)
-            chunks: list[bytes] = []
-            size = 0
+            data.check_declared(int(obj.get("ContentLength") or 0))
             while chunk := body.read(_CHUNK):  # capped while streaming, whatever S3 said
-                size += len(chunk)
-                if size > cap:
-                    raise too_large(cap)
-                chunks.append(chunk)
+                data.add(chunk)
+                # A slow body ends at the fetch deadline (each read is bounded by
+                # fetch.read_timeout_s): the thread is not held past it.
+                if time.monotonic() > deadline:
+                    raise FetchTimeout(
+                        f"Fetching the image took longer than {self._s.total_timeout_s:g} s."
+                    )
         finally:
             body.close()
-        return b"".join(chunks), obj.get("ETag")
+        return data.getvalue(), obj.get("ETag")
 
 
 def default_s3_client(settings: FetchSettings) -> Any:
@@ -199,5 +222,5 @@ def default_s3_client(settings: FetchSettings) -> Any:
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
         retries={"total_max_attempts": 1},
-        max_pool_connections=32,
+        max_pool_connections=settings.s3_threads,  # one connection per thread
     ))

@@ -111,7 +111,7 @@ def log(phase: str, msg: str) -> None:
 
 def iris_config(plan: Plan, port: int, api_key: str) -> Any:
     """The local engine settings (infra/local.yaml) with autoscaled deployments."""
-    from handlers.config import load_config
+    from handlers.config_load import load_config
 
     local = yaml.safe_load((ROOT / "infra" / "local.yaml").read_text())
     engine = dict(local.get("engine") or {})

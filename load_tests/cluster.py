@@ -44,7 +44,8 @@ def start_cluster(temp_dir: str) -> Any:
             "object_store_memory": 300 << 20,
         })
         for _ in range(2):
-            cluster.add_node(**common, num_cpus=2, num_gpus=1, object_store_memory=200 << 20)
+            cluster.add_node(**common, num_cpus=2, num_gpus=1,  # type: ignore[arg-type]
+                             object_store_memory=200 << 20)  # (Ray types add_node's kwargs loosely)
     cluster.wait_for_nodes()
     return cluster
 
@@ -69,11 +70,11 @@ def total(counts: dict[str, dict[str, int]], name: str) -> int:
 
 
 async def llm_node_ids(handle: Any, calls: int = 4) -> set[str]:
-    """Node ids of LLMServer replicas that answer `stats` (only call with replicas up:
+    """Node ids of LLMServer replicas that answer (only call with replicas up:
     a call at zero replicas would itself trigger a scale-up)."""
     async def one() -> str | None:
         try:
-            stats = await asyncio.wait_for(handle.stats.remote(), 10)
+            stats = await asyncio.wait_for(handle.record_routing_stats.remote(), 10)
             return str(stats["node_id"])
         except Exception:
             return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,10 +107,16 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     return f"iris-{name}", dict(kv.split("=", 1) for kv in pairs.split(","))
 
 
+def iris_server(name: str, env: dict[str, str], iris_env: dict[str, str], port: int) -> Server:
+    """Iris as `make serve` runs it, with `env` on top of the run's IRIS_* settings."""
+    return Server(name, [sys.executable, "-m", "deployments.run"], port,
+                  {"IRIS_HTTP__PORT": str(port), **iris_env, **env}, "/ready")
+
+
 def servers(targets: list[str], iris_env: dict[str, str],
             variants: dict[str, dict[str, str]] | None = None) -> list[Server]:
     py = sys.executable
-    made = {
+    made: dict[str, Callable[[int], Server]] = {
         "vllm": lambda p: Server("vllm", [
             py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
             "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(p),
@@ -120,9 +128,7 @@ def servers(targets: list[str], iris_env: dict[str, str],
     }
     # Iris, and each variant of it: the same server with more settings on top.
     for name, env in {"iris": {}, **(variants or {})}.items():
-        made[name] = lambda p, env=env, name=name: Server(
-            name, [py, "-m", "deployments.run"], p,
-            {"IRIS_HTTP__PORT": str(p), **iris_env, **env}, "/ready")
+        made[name] = functools.partial(iris_server, name, env, iris_env)
     return [made[t](free_port()) for t in targets]
 
 

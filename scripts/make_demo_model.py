@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -262,12 +262,12 @@ def build(out: Path) -> None:
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]  # (Qwen has none; typed as str)
         extra_special_tokens=SPECIAL_TOKENS[3:],
         model_max_length=MAX_POSITIONS,
         chat_template=CHAT_TEMPLATE,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = {t: token_id(tokenizer, t) for t in SPECIAL_TOKENS}
     vocab_size = len(tokenizer)
     print(f"      vocab={vocab_size} (bpe={backend.get_vocab_size(False)}) specials={ids}")
 
@@ -338,7 +338,7 @@ def build(out: Path) -> None:
     config.pad_token_id = ids["<|endoftext|>"]
 
     torch.manual_seed(SEED)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    model = Qwen2VLForConditionalGeneration(config).float().eval()
     # Re-initialise explicitly, in a fixed order, instead of relying on transformers' init
     # internals (which change between versions): norms=1, biases=0, everything else N(0, std).
     generator = torch.Generator().manual_seed(SEED)
@@ -380,6 +380,13 @@ def build(out: Path) -> None:
 
 def is_complete(out: Path) -> bool:
     return out.is_dir() and all((out / name).is_file() for name in REQUIRED_FILES)
+
+
+def token_id(tokenizer: Any, token: str) -> int:
+    """The id of one token (convert_tokens_to_ids is typed for lists too)."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(found, int), token
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

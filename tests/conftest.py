@@ -1,6 +1,12 @@
-"""Session-wide real services: moto S3, a loopback image server, and the Iris app.
+"""Session-wide real services: moto S3, a loopback image server, and the Iris app in both of
+its layouts, side by side on one Ray instance, started once per session:
 
-The Serve app (and its vLLM engine) starts once per test session."""
+- `local`: infra/local.yaml's layout, the engine inside ChatIngress, which clients reach on
+  http.port through Serve's direct ingress (what `make serve` runs);
+- `split`: the production layout, the engine in the LLMServer deployment (two replicas),
+  reached through Serve's proxy under /split, as on a cluster.
+
+Every test that takes `iris` (the base URL) or `iris_config` runs against both."""
 
 from __future__ import annotations
 
@@ -8,21 +14,23 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.servers import ImageServer, S3Server, free_port
+from tests.support import (
+    API_KEYS,
+    LLM_MAX_ONGOING,
+    LLM_MAX_QUEUED,
+    MAX_BODY_BYTES,
+    MODEL_DIR,
+    ROOT,
+    IrisApp,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = ROOT / ".models" / "demo-vlm"
-# vLLM on CPU: a small, fixed KV cache so several engines fit in this machine's RAM.
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-API_KEYS = ["iris-test-key", "iris-second-key"]
-# Small engine queue so the backpressure test can overflow it quickly.
-LLM_MAX_ONGOING = 4
-LLM_MAX_QUEUED = 4
-MAX_BODY_BYTES = 8 << 20
+LAYOUTS = ("local", "split")
+SPLIT_ENGINE_REPLICAS = 2
 
 
 @pytest.fixture(scope="session")
@@ -39,45 +47,97 @@ def image_server() -> Iterator[ImageServer]:
     server.close()
 
 
-@pytest.fixture(scope="session")
-def iris_config():  # type: ignore[no-untyped-def]
-    from handlers.config import load_config
+def app_configs() -> dict[str, Any]:
+    from handlers.config_load import load_config
 
     if not (MODEL_DIR / "config.json").exists():
         pytest.exit("demo model missing: run `make demo-model` (make test does it)", 2)
-    cfg = load_config(
+    local = load_config(
         # direct_ingress comes from infra/local.yaml: ChatIngress listens on port itself.
         http={"host": "127.0.0.1", "port": free_port(), "proxy_port": free_port()},
         app_name="iris-test",
         api_key=API_KEYS,
         limits={"max_body_bytes": MAX_BODY_BYTES},
+        metrics_port=free_port(),
+        deployments={"llm": {"max_ongoing_requests": LLM_MAX_ONGOING,
+                             "max_queued_requests": LLM_MAX_QUEUED}},
     )
-    llm = cfg.deployments.llm.model_copy(
-        update={"max_ongoing_requests": LLM_MAX_ONGOING, "max_queued_requests": LLM_MAX_QUEUED}
-    )
-    return cfg.model_copy(
-        update={"deployments": cfg.deployments.model_copy(update={"llm": llm})}
-    )
+    d = local.deployments
+    split = local.model_copy(update={
+        "app_name": "iris-split",
+        "deployments": d.model_copy(update={
+            "engine_in_ingress": False,
+            "llm": d.llm.model_copy(update={"num_replicas": SPLIT_ENGINE_REPLICAS,
+                                            "num_cpus": 0.5}),
+        }),
+    })
+    return {"local": local, "split": split}
 
 
 @pytest.fixture(scope="session")
-def iris(iris_config, s3: S3Server) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """Base URL (…/v1) of the real Iris app on a local Ray instance."""
-    import ray
+def iris_apps(s3: S3Server) -> Iterator[dict[str, IrisApp]]:
+    """Both layouts' apps on one local Ray instance, deployed side by side."""
     from ray import serve
 
-    from deployments.run import init_ray, start
+    from deployments.app import build_app
+    from deployments.run import init_ray, stop
 
-    env = {**s3.env, "PYTHONPATH": str(ROOT)}
+    configs = app_configs()
+    local = configs["local"]
     # Replicas read AWS settings from their environment, as in production.
     os.environ.update(s3.env)
-    metrics_port = free_port()
-    os.environ["IRIS_TEST_METRICS_PORT"] = str(metrics_port)
-    init_ray(iris_config, num_cpus=8, runtime_env={"env_vars": env}, log_to_driver=False,
-             _metrics_export_port=metrics_port)
+    init_ray(local, num_cpus=8, runtime_env={"env_vars": {**s3.env, "PYTHONPATH": str(ROOT)}},
+             log_to_driver=False)
+    http = local.http
+    serve.start(http_options={"host": http.host, "port": http.proxy_port})
     t0 = time.monotonic()
-    start(iris_config)
-    print(f"\n[iris] app ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    yield f"http://{iris_config.http.host}:{iris_config.http.port}/v1"
-    serve.shutdown()
-    ray.shutdown()
+    # The local app first: its ChatIngress must take http.port (direct ingress hands ports
+    # out first come, first served; the split app's ingress then takes the next one).
+    for cfg, prefix in ((local, "/"), (configs["split"], "/split")):
+        serve.run_many([serve.RunTarget(build_app(cfg), name=cfg.app_name, route_prefix=prefix)],
+                       wait_for_applications_running=False)
+        wait_running([cfg.app_name])
+    print(f"\n[iris] both apps ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    proxy = f"http://{http.host}:{http.proxy_port}"
+    yield {
+        "local": IrisApp("local", local, f"http://{http.host}:{http.port}/v1", f"{proxy}/v1"),
+        "split": IrisApp("split", configs["split"], f"{proxy}/split/v1", f"{proxy}/split/v1"),
+    }
+    stop()
+
+
+def wait_running(names: list[str], timeout_s: float = 900) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: str(apps[n].status) if n in apps else "MISSING" for n in names}
+        if all(s.endswith("RUNNING") for s in states.values()):
+            return
+        failed = [n for n, s in states.items() if "FAIL" in s]
+        if failed:
+            pytest.exit(f"deploying {failed} failed: {apps[failed[0]].message}", 3)
+        time.sleep(1)
+    pytest.exit(f"apps not running after {timeout_s:.0f} s: {states}", 3)
+
+
+@pytest.fixture(scope="session", params=LAYOUTS)
+def layout(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def iris_app(iris_apps: dict[str, IrisApp], layout: str) -> IrisApp:
+    return iris_apps[layout]
+
+
+@pytest.fixture(scope="session")
+def iris(iris_app: IrisApp) -> str:
+    """Base URL (…/v1) of the real Iris app, in this test's layout."""
+    return iris_app.base
+
+
+@pytest.fixture(scope="session")
+def iris_config(iris_app: IrisApp) -> Any:
+    return iris_app.config

@@ -99,30 +99,113 @@ def client_error(code: str, status: int, operation: str = "GetObject") -> Except
     )
 
 
-class FakeStream:
-    """Stands in for a Serve streaming DeploymentResponseGenerator of (kind, payload) events:
-    yields the given events, then raises `fail` (if any) or hangs forever (`hang=True`)."""
+class ScriptedEvents:
+    """An engine's event stream (what ChatBackend.chat returns): yields `events`, then raises
+    `fail` (if given) or waits forever (`hang=True`); records that it was closed, which is
+    where a real engine request is aborted."""
 
-    def __init__(self, events: list[tuple[str, Any]], fail: BaseException | None = None,
+    def __init__(self, events: list[Any], fail: BaseException | None = None,
                  hang: bool = False) -> None:
         self._events = list(events)
         self._fail = fail
         self._hang = hang
-        self.cancelled = False
+        self.closed = False
 
-    def __aiter__(self) -> FakeStream:
+    def __aiter__(self) -> ScriptedEvents:
         return self
 
-    async def __anext__(self) -> tuple[str, Any]:
+    async def __anext__(self) -> Any:
         import asyncio
 
-        if self._events:
-            return self._events.pop(0)
-        if self._fail is not None:
-            raise self._fail
-        if self._hang:
-            await asyncio.Event().wait()
+        if self.closed:
+            raise StopAsyncIteration
+        try:
+            if self._events:
+                return self._events.pop(0)
+            if self._fail is not None:
+                raise self._fail
+            if self._hang:
+                await asyncio.Event().wait()
+        except BaseException:
+            self.closed = True  # an async generator is finished once it raised
+            raise
         raise StopAsyncIteration
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeEngineHost:
+    """Stands in for deployments.engine_host.EngineHost in backend unit tests: each chat
+    yields the next script's events (then waits, if `hang`), and records when its stream
+    was closed (where a real engine request is aborted)."""
+
+    def __init__(self, scripts: list[list[Any]], hang: bool = False) -> None:
+        self._scripts = list(scripts)
+        self._hang = hang
+        self.closed = 0
+        self.healthy = True
+
+    async def chat(self, request: Any) -> Any:
+        import asyncio
+
+        events = self._scripts.pop(0)
+        try:
+            for event in events:
+                yield event
+            if self._hang:
+                await asyncio.Event().wait()
+        finally:
+            self.closed += 1
+
+    def ready(self) -> bool:
+        return self.healthy
+
+    async def check_health(self) -> None:
+        if not self.healthy:
+            raise RuntimeError("unhealthy")
+
+    def stats(self) -> dict[str, Any]:
+        return {"unfinished_requests": 0}
+
+    async def shutdown(self) -> None:
+        pass
+
+
+class FakeStreamingHandle:
+    """Stands in for a DeploymentHandle in ServeBackend unit tests: `.options(stream=True)
+    .chat.remote(request)` returns an async iterator over `events`, then raises `fail`;
+    records cancel()."""
+
+    def __init__(self, events: list[Any], fail: BaseException | None = None) -> None:
+        self._events = events
+        self._fail = fail
+        self.cancelled = False
+        self.chat = self
+        self.calls: list[Any] = []
+
+    def options(self, **_: Any) -> FakeStreamingHandle:
+        return self
+
+    def remote(self, request: Any) -> Any:
+        self.calls.append(request)
+        outer = self
+
+        class Stream:
+            def __init__(self) -> None:
+                self._events = list(outer._events)
+
+            def __aiter__(self) -> Any:
+                return self
+
+            async def __anext__(self) -> Any:
+                if self._events:
+                    return self._events.pop(0)
+                if outer._fail is not None:
+                    raise outer._fail
+                raise StopAsyncIteration
+
+            def cancel(self) -> None:
+                outer.cancelled = True
+
+        return Stream()

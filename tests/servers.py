@@ -249,3 +249,85 @@ class S3Server:
 
     def close(self) -> None:
         self._server.stop()
+
+
+class HangingS3Proxy:
+    """An S3 endpoint on 127.0.0.1 that forwards to a real one (moto), except GETs of objects
+    in `hung_bucket`: those get their headers and first bytes, then nothing until `release()`.
+    Counts the requests it is holding."""
+
+    def __init__(self, upstream: str, hung_bucket: str) -> None:
+        import http.client
+        import urllib.parse
+
+        self.hung_bucket = hung_bucket
+        self.holding = 0
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        target = urllib.parse.urlsplit(upstream)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = target.netloc
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            def _hang(self) -> None:
+                with outer._lock:
+                    outer.holding += 1
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("ETag", '"hung"')
+                    self.end_headers()
+                    self.wfile.write(b"\x89PNG\r\n\x1a\n")
+                    self.wfile.flush()
+                    outer._released.wait(120)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                finally:
+                    with outer._lock:
+                        outer.holding -= 1
+                    self.close_connection = True
+
+            def do_GET(self) -> None:
+                bucket = self.path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
+                if bucket == outer.hung_bucket and "/" in self.path.lstrip("/"):
+                    self._hang()
+                else:
+                    self._forward()
+
+            do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self.release()
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -3,50 +3,26 @@
 from __future__ import annotations
 
 import base64
-import json
-import re
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEYS
-from tests.deployments.test_chat_e2e import API_KEY, MODEL, image_msg
-from tests.images import data_uri, encode, pattern
-
-LEAK = re.compile(r"0x[0-9a-f]{6,}|Traceback|/work/|/usr/|site-packages|\.py\b", re.I)
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-SMALL_PNG = data_uri(encode(pattern(64, 48, seed=9)))
-
-
-def root(iris: str) -> str:
-    return iris.removesuffix("/v1")
-
-
-def post_chat(iris: str, body: Any, headers: dict[str, str] | None = None,
-              raw: bytes | None = None) -> httpx.Response:
-    h = {**AUTH, "Content-Type": "application/json", **(headers or {})}
-    content = raw if raw is not None else json.dumps(body).encode()
-    return httpx.post(f"{iris}/chat/completions", content=content, headers=h, timeout=120)
-
-
-def good_body(**kw: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
-            **kw}
-
-
-def assert_envelope(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["message"] and not LEAK.search(err["message"]), err["message"]
-    return err
-
-
-def assert_still_serving(iris: str) -> None:
-    resp = post_chat(iris, good_body())
-    assert resp.status_code == 200, resp.text
+from tests.images import encode, pattern
+from tests.support import (
+    API_KEY,
+    API_KEYS,
+    AUTH,
+    MODEL,
+    SMALL_PNG,
+    assert_envelope,
+    assert_still_serving,
+    good_body,
+    image_msg,
+    post_chat,
+    root,
+)
 
 
 def png_truncated() -> str:
@@ -130,7 +106,7 @@ def test_unknown_model_is_404_through_sdk(iris: str) -> None:
     client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
-    assert info.value.body["param"] == "model"  # type: ignore[index]
+    assert info.value.body["param"] == "model"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-9")
     assert client.models.retrieve(MODEL).id == MODEL
@@ -145,7 +121,7 @@ def test_bad_request_through_sdk(iris: str) -> None:
     client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=image_msg("file:///etc/passwd"))
-    assert info.value.body["param"] == "messages[0].content[0].image_url.url"  # type: ignore[index]
+    assert info.value.body["param"] == "messages[0].content[0].image_url.url"
 
 
 def test_auth(iris: str) -> None:
@@ -172,7 +148,7 @@ def test_request_id_echoed(iris: str) -> None:
     assert len(post_chat(iris, good_body()).headers["x-request-id"]) >= 16
 
 
-def test_body_over_limit_is_413(iris: str, iris_config) -> None:  # type: ignore[no-untyped-def]
+def test_body_over_limit_is_413(iris: str, iris_config) -> None:
     limit = iris_config.limits.max_body_bytes
     body = good_body(user="x" * (limit + 10))
     assert_envelope(post_chat(iris, body), 413)

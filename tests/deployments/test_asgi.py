@@ -4,21 +4,22 @@ import asyncio
 from typing import Any
 
 import pytest
+from ray.exceptions import TaskCancelledError
 from starlette.applications import Starlette
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from handlers.asgi import CancelledReceiveIsDisconnect
+from deployments.asgi import CancelledReceiveIsDisconnect
 
-
-class TaskCancelledError(Exception):
-    """Stands in for ray.exceptions.TaskCancelledError (same name; handlers/ has no Ray)."""
+# Set by receive() as it fails; the body goes on only after that, so the failure always
+# lands while the response is still streaming.
+RECEIVE_FAILED: dict[str, asyncio.Event] = {}
 
 
 async def _stream(_: Any) -> StreamingResponse:
     async def chunks() -> Any:
         yield b"data: 1\n\n"
-        await asyncio.sleep(0.05)  # receive() fails while the body is still streaming
+        await RECEIVE_FAILED["event"].wait()
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -35,13 +36,17 @@ def _call(app: Any, error: type[Exception]) -> list[dict[str, Any]]:
         calls += 1
         if calls == 1:
             return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.sleep(0.01)
+        RECEIVE_FAILED["event"].set()
         raise error("Task was cancelled.")
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(app(scope, receive, send))
+    async def run() -> None:
+        RECEIVE_FAILED["event"] = asyncio.Event()
+        await app(scope, receive, send)
+
+    asyncio.run(run())
     return sent
 
 

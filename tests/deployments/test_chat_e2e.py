@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import openai
 import pytest
 
 from handlers.imaging import ProcessorGeometry, smart_resize
-from tests.conftest import API_KEYS
 from tests.images import data_uri, encode, pattern
+from tests.support import API_KEY, MODEL, greedy, image_msg, top_logprobs
 
-MODEL = "demo-vlm"
-API_KEY = API_KEYS[0]
 GEO = ProcessorGeometry(min_pixels=3136, max_pixels=1003520)
-
-
-def image_msg(*urls: str, text: str = "Describe the image.") -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-    parts.append({"type": "text", "text": text})
-    return [{"role": "user", "content": parts}]
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +29,13 @@ def png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def sources(png: bytes, image_server, s3) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def sources(png: bytes, image_server, s3) -> dict[str, str]:
     return {
         "data": data_uri(png),
         "http": image_server.add_bytes("/one.png", png),
         "s3": s3.put("iris-test-images", "one.png", png),
     }
 
-
-def top_logprobs(resp: Any) -> list[list[tuple[str, float]]]:
-    return [
-        [(t.token, t.logprob) for t in tok.top_logprobs] for tok in resp.choices[0].logprobs.content
-    ]
-
-
-def greedy(client: openai.OpenAI, messages: list[dict[str, Any]], **kw: Any) -> Any:
-    return client.chat.completions.create(
-        model=MODEL, messages=messages, temperature=0, max_tokens=3, logprobs=True,
-        top_logprobs=5, **kw,
-    )
 
 
 def test_health_and_models(iris: str) -> None:

@@ -9,15 +9,24 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import ENGINE_ENV, MODEL_DIR, free_port
-from tests.deployments.test_chat_e2e import API_KEY, MODEL, greedy, image_msg, top_logprobs
 from tests.images import data_uri, encode, exif_orientation, pattern
 from tests.reference import VllmReferenceServer
+from tests.servers import free_port
+from tests.support import (
+    API_KEY,
+    ENGINE_ENV,
+    MODEL,
+    MODEL_DIR,
+    greedy,
+    image_msg,
+    top_logprobs,
+)
 
 
 @pytest.fixture(scope="module")
-def reference(iris: str) -> Iterator[openai.OpenAI]:
-    # Started after Iris is up so the two engines don't fight for the 2 cores at load.
+def reference(iris_apps: Any) -> Iterator[openai.OpenAI]:
+    # One for both layouts, started after Iris is up so the engines don't fight for the 2
+    # cores at load.
     server = VllmReferenceServer(MODEL_DIR, MODEL, free_port(), ENGINE_ENV)
     try:
         server.wait_ready()

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import httpx
 import openai
 
-from tests.conftest import LLM_MAX_ONGOING
-from tests.deployments.test_api_contract import AUTH, assert_envelope, assert_still_serving
-from tests.deployments.test_chat_e2e import API_KEY, MODEL, image_msg
 from tests.images import data_uri, encode, pattern
+from tests.support import (
+    API_KEY,
+    AUTH,
+    LLM_MAX_ONGOING,
+    MODEL,
+    assert_envelope,
+    assert_still_serving,
+    image_msg,
+)
 
 
 def prep_stats(app_name: str) -> dict[str, Any]:
@@ -21,9 +28,10 @@ def prep_stats(app_name: str) -> dict[str, Any]:
 
 
 async def test_concurrent_requests_for_one_new_url_fetch_it_once(
-    iris: str, image_server  # type: ignore[no-untyped-def]
+    iris: str, image_server
 ) -> None:
-    url = image_server.add_bytes("/single-flight.png", encode(pattern(500, 400, seed=77)))
+    path = f"/single-flight-{uuid.uuid4().hex}.png"  # new to every layout's fetcher
+    url = image_server.add_bytes(path, encode(pattern(500, 400, seed=77)))
     client = openai.AsyncOpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
     replies = await asyncio.gather(*(
         client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
@@ -32,10 +40,10 @@ async def test_concurrent_requests_for_one_new_url_fetch_it_once(
         for _ in range(LLM_MAX_ONGOING)
     ))
     assert len({r.usage.prompt_tokens for r in replies if r.usage}) == 1
-    assert image_server.hits["/single-flight.png"] == 1
+    assert image_server.hits[path] == 1
 
 
-def test_repeated_image_is_preprocessed_once(iris: str, iris_config, image_server) -> None:  # type: ignore[no-untyped-def]
+def test_repeated_image_is_preprocessed_once(iris: str, iris_config, image_server) -> None:
     client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
     url = image_server.add_bytes("/repeat.jpg", encode(pattern(900, 700, seed=78), "JPEG"),
                                  "image/jpeg")
@@ -49,7 +57,7 @@ def test_repeated_image_is_preprocessed_once(iris: str, iris_config, image_serve
     assert first.usage.prompt_tokens == second.usage.prompt_tokens
 
 
-def test_repeated_data_uri_skips_the_preprocessor(iris: str, iris_config) -> None:  # type: ignore[no-untyped-def]
+def test_repeated_data_uri_skips_the_preprocessor(iris: str, iris_config) -> None:
     client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
     url = data_uri(encode(pattern(700, 500, seed=80), "JPEG"), "image/jpeg")
     first = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
@@ -69,7 +77,7 @@ def test_detail_low_caps_tokens_and_high_uses_the_maximum(iris: str) -> None:
         msgs = [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url, "detail": detail}},
             {"type": "text", "text": "x"}]}]
-        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)  # type: ignore[arg-type]
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)
         assert r.usage
         return r.usage.prompt_tokens
 
@@ -79,13 +87,34 @@ def test_detail_low_caps_tokens_and_high_uses_the_maximum(iris: str) -> None:
     assert low < 256 + 40  # <= 256 image tokens plus the template's text
 
 
-def test_image_errors_name_the_part_and_server_keeps_serving(iris: str, image_server) -> None:  # type: ignore[no-untyped-def]
+def test_image_errors_name_the_part_and_server_keeps_serving(iris: str, image_server) -> None:
     missing = image_server.url("/does-not-exist.png")
     not_image = image_server.add_bytes("/text.png", b"hello, not an image", "image/png")
-    for url, code in [(missing, "image_not_found"), (not_image, "invalid_image")]:
+    refused = "http://127.0.0.1:1/closed.png"  # nothing listens on port 1
+    for url, code in [(missing, "image_not_found"), (not_image, "invalid_image"),
+                      (refused, "image_unreachable")]:
         body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": [
             {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]}]}
         resp = httpx.post(f"{iris}/chat/completions", json=body, headers=AUTH, timeout=60)
         err = assert_envelope(resp, 400)
         assert err["param"] == "messages[0].content[1].image_url.url" and err["code"] == code
         assert_still_serving(iris)
+
+
+def test_a_failing_image_source_is_a_502_that_names_the_image(iris: str, image_server) -> None:
+    url = image_server.add_status("/busy.png", 503)
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    resp = httpx.post(f"{iris}/chat/completions", json=body, headers=AUTH, timeout=60)
+    err = assert_envelope(resp, 502)
+    assert err["type"] == "upstream_error" and err["code"] == "image_source_unavailable"
+    assert err["param"] == "messages[0].content[1].image_url.url"
+    assert_still_serving(iris)
+
+
+def test_an_avif_image_is_served(iris: str) -> None:
+    """The fetcher's sniffing and the decoder share one list of formats (AVIF included)."""
+    url = data_uri(encode(pattern(96, 64, seed=81), "AVIF"), "image/avif")
+    client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
+    resp = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
+    assert resp.usage and resp.usage.prompt_tokens > 10

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
+from typing import Any
 
 import httpx
 
-from tests.deployments.test_api_contract import assert_envelope, good_body, post_chat
-from tests.deployments.test_chat_e2e import image_msg
 from tests.images import data_uri, encode, pattern
+from tests.support import assert_envelope, good_body, image_msg, post_chat
 
 
-def scrape() -> str:
-    port = os.environ["IRIS_TEST_METRICS_PORT"]
+def scrape(port: int) -> str:
     return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
 
 
@@ -26,8 +24,9 @@ def stage_count(text: str, stage: str) -> float:
     return total
 
 
-def test_stage_latency_errors_and_cache_metrics(iris: str) -> None:
-    before = scrape()
+def test_stage_latency_errors_and_cache_metrics(iris: str, iris_config: Any) -> None:
+    port = iris_config.metrics_port  # the node's Prometheus endpoint, fixed by config
+    before = scrape(port)
     # Never-seen images: a repeat would be served from the ingress's prepared-pixel refs
     # and skip the fetch and preprocess stages.
     for seed in range(3):
@@ -37,7 +36,7 @@ def test_stage_latency_errors_and_cache_metrics(iris: str) -> None:
     want = ["fetch", "preprocess", "images", "queue", "e2e"]
     deadline = time.monotonic() + 60  # Ray's agents export every few seconds
     while time.monotonic() < deadline:
-        text = scrape()
+        text = scrape(port)
         if all(stage_count(text, s) >= stage_count(before, s) + 3 for s in want) and \
                 re.search(r'ray_iris_errors_total\{[^}]*status="404"', text):
             break

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deployments.test_api_contract import SMALL_PNG
-from tests.deployments.test_chat_e2e import API_KEY, MODEL
+from tests.support import API_KEY, MODEL, SMALL_PNG
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "node"
 
@@ -33,7 +32,7 @@ def test_langchain_chat_openai_with_image(iris: str) -> None:
     from langchain_core.messages import HumanMessage
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=iris, api_key=API_KEY, max_tokens=3,  # type: ignore[arg-type]
+    llm = ChatOpenAI(model=MODEL, base_url=iris, api_key=API_KEY, max_tokens=3,
                      temperature=0, max_retries=0)
     msg = HumanMessage(content=[
         {"type": "text", "text": "What is in this image?"},

@@ -8,15 +8,13 @@ import logging.handlers
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from deployments.llm_server import keep_serve_log_handlers
-from tests.deployments.test_api_contract import good_body, post_chat
-from tests.deployments.test_chat_e2e import image_msg
+from deployments.logs import keep_serve_log_handlers
 from tests.images import encode, pattern
 from tests.servers import ImageServer
+from tests.support import IrisApp, good_body, image_msg, post_chat
 
 
 def serve_log_dir() -> Path:
@@ -30,28 +28,25 @@ def files_mentioning(rid: str) -> set[str]:
             for p in serve_log_dir().glob("*.log") if rid in p.read_text(errors="replace")}
 
 
-def replicas(iris_config: Any) -> set[str]:
-    """Every replica a request with a new image visits, in the suite's layout."""
-    seen = {"ChatIngress", "ImageFetcher", "ImagePreprocessor"}
-    return seen if iris_config.deployments.engine_in_ingress else seen | {"LLMServer"}
+def replicas(app: IrisApp) -> set[str]:
+    """Every replica a request with a new image visits, in this app's layout."""
+    return {"ChatIngress", "ImageFetcher", "ImagePreprocessor", app.engine_deployment}
 
 
-@pytest.mark.parametrize("entry", ["direct", "proxy"])
+@pytest.mark.parametrize("entry", ["client", "proxy"])
 def test_request_id_in_every_replica_log(
-    entry: str, iris: str, iris_config: Any, image_server: ImageServer
+    entry: str, iris_app: IrisApp, image_server: ImageServer
 ) -> None:
-    """Direct ingress (the port clients use) skips Serve's proxy; its proxy_port goes
-    through it. Both keep one id end to end."""
-    assert iris_config.http.direct_ingress  # infra/local.yaml's setting, which the tests use
-    http = iris_config.http
-    base = iris if entry == "direct" else f"http://{http.host}:{http.proxy_port}/v1"
+    """Where clients connect (direct ingress in the local layout, Serve's proxy in the
+    split one), and through Serve's proxy: one id end to end, in every replica's log."""
+    base = iris_app.base if entry == "client" else iris_app.proxy_base
     rid = f"iris-test-{uuid.uuid4().hex}"
     # A never-seen image over http: the request visits the fetcher and the preprocessor.
     url = image_server.add_bytes(f"/rid-{rid}.png", encode(pattern(96, 80, seed=77)))
     resp = post_chat(base, good_body(messages=image_msg(url)), headers={"x-request-id": rid})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-request-id"] == rid
-    want = replicas(iris_config) | ({"proxy"} if entry == "proxy" else set())
+    want = replicas(iris_app) | ({"proxy"} if base == iris_app.proxy_base else set())
     deadline = time.monotonic() + 30
     while (seen := files_mentioning(rid)) != want and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -75,3 +70,37 @@ def test_serve_log_lines_survive_vllm_logging_setup(tmp_path: Path) -> None:
         serve_logger.removeHandler(memory)
         memory.close()
         target.close()
+
+
+def lines_with(rid: str, replica: str) -> list[tuple[str, str]]:
+    """Each log line of `replica` naming `rid`, with the line that follows it."""
+    out = []
+    for path in serve_log_dir().glob(f"replica_*_{replica}_*.log"):
+        lines = path.read_text(errors="replace").splitlines()
+        out += [(ln, lines[i + 1] if i + 1 < len(lines) else "")
+                for i, ln in enumerate(lines) if rid in ln]
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing", "not-an-image", "refused"])
+def test_a_client_mistake_is_one_warning_line_not_a_traceback(
+    case: str, iris: str, image_server: ImageServer
+) -> None:
+    rid = f"iris-test-{uuid.uuid4().hex}"
+    url = {
+        "missing": image_server.url(f"/nope-{rid}.png"),
+        "not-an-image": image_server.add_bytes(f"/text-{rid}.png", b"hello, not an image"),
+        "refused": "http://127.0.0.1:1/closed.png",  # nothing listens on port 1
+    }[case]
+    resp = post_chat(iris, good_body(messages=image_msg(url)), headers={"x-request-id": rid})
+    assert resp.status_code == 400, resp.text
+    deadline = time.monotonic() + 30
+    while len(lines_with(rid, "ImagePreprocessor")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the access line comes after the failure line
+    for replica in ("ImageFetcher", "ImagePreprocessor"):
+        lines = lines_with(rid, replica)
+        failures = [(ln, nxt) for ln, nxt in lines if "Client error 400" in ln]
+        assert len(failures) == 1, lines
+        line, following = failures[0]
+        assert line.startswith("WARNING") and "Traceback" not in following, failures
+        assert not any(ln.startswith("ERROR") for ln, _ in lines), lines

@@ -1,12 +1,12 @@
-"""LLMServer's Serve options follow the config: resources, shards, placement."""
+"""Serve options follow the config: resources, shards, placement, layouts, draining, health."""
 
 from __future__ import annotations
 
-from deployments.llm_server import llm_serve_options
-from handlers.config import load_config
+from deployments.serve_options import llm_options as llm_serve_options
+from handlers.config_load import load_config
 
 
-def cfg(**engine: object):  # type: ignore[no-untyped-def]
+def cfg(**engine: object):
     return load_config(
         use_yaml=False,
         engine={"env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, **engine},
@@ -44,7 +44,7 @@ def test_engine_args_use_ray_executor_when_sharded() -> None:
     assert args[args.index("--distributed-executor-backend") + 1] == "ray"
 
 
-def _ingress(engine_in_ingress: bool):  # type: ignore[no-untyped-def]
+def _ingress(engine_in_ingress: bool):
     from deployments.app import build_app
 
     c = cfg()
@@ -69,3 +69,76 @@ def test_engine_in_ingress_gives_chat_ingress_the_engine_and_its_resources() -> 
     assert ingress._deployment_config.autoscaling_config.max_replicas == 3
     # HTTP concurrency stays the ingress's; the engine's limits apply inside the replica.
     assert ingress.max_ongoing_requests == 256
+
+
+def test_the_cpu_tier_gets_the_processor_config_and_never_the_checkpoint() -> None:
+    """The deploy shape where CPU nodes have no weights: the fetcher and the preprocessor are
+    bound to a config without model.source, and the processor settings inline."""
+    from deployments.app import build_app
+
+    ingress = build_app(cfg())._bound_deployment
+    preprocessor = ingress.init_args[1]._bound_deployment
+    fetcher = preprocessor.init_args[1]._bound_deployment
+    for bound in (preprocessor, fetcher):
+        config = bound.init_args[0]
+        assert config.model.source == ""
+        assert config.model.processor["patch_size"] == 14  # the demo model's, read once
+
+
+def test_an_unreadable_processor_config_stops_the_build_with_what_to_do() -> None:
+    import pytest
+
+    from deployments.app import with_processor
+    from handlers.config_load import ConfigError
+
+    c = cfg()
+    c = c.model_copy(update={"model": c.model.model_copy(update={"source": "/nonexistent/m"})})
+    with pytest.raises(ConfigError, match=r"model\.processor"):
+        with_processor(c)
+    inline = c.model_copy(update={"model": c.model.model_copy(update={"processor": {"a": 1}})})
+    assert with_processor(inline) is inline
+
+
+def test_stopping_replicas_get_to_finish_their_longest_request() -> None:
+    """Scale-down drains: a replica's graceful shutdown covers the longest request it may be
+    serving (Serve's default, 20 s, would cut a long stream)."""
+    from deployments.serve_options import fetcher_options, ingress_options, preprocessor_options
+
+    c = load_config(use_yaml=False, limits={"request_timeout_s": 900},
+                    fetch={"total_timeout_s": 30})
+    assert llm_serve_options(c)["graceful_shutdown_timeout_s"] > 900
+    assert ingress_options(c)["graceful_shutdown_timeout_s"] > 900
+    assert fetcher_options(c)["graceful_shutdown_timeout_s"] > 30
+    assert preprocessor_options(c)["graceful_shutdown_timeout_s"] > 30
+
+
+def test_health_and_drain_settings_reach_serve() -> None:
+    from deployments.serve_options import ingress_options
+
+    c = load_config(use_yaml=False, deployments={"llm": {
+        "health_check_period_s": 2, "health_check_timeout_s": 5,
+        "graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": 77}})
+    opts = llm_serve_options(c)
+    assert (opts["health_check_period_s"], opts["health_check_timeout_s"],
+            opts["graceful_shutdown_wait_loop_s"], opts["graceful_shutdown_timeout_s"]) == (
+        2, 5, 1, 77)
+    # With the engine in ChatIngress, that replica is the engine's: llm's settings apply.
+    d = c.deployments.model_copy(update={"engine_in_ingress": True})
+    fused = ingress_options(c.model_copy(update={"deployments": d}))
+    assert fused["health_check_period_s"] == 2 and fused["graceful_shutdown_timeout_s"] == 77
+
+
+def test_engine_extra_args_go_through_vllms_parser() -> None:
+    """A typo in engine.extra_args stops the start with vLLM's own message."""
+    import pytest
+
+    from handlers.config_load import ConfigError
+    from handlers.engine import parse_engine_args
+
+    args = parse_engine_args(cfg(extra_args={"max_num_batched_tokens": 4096,
+                                             "enable_prefix_caching": False}))
+    assert args.max_num_batched_tokens == 4096 and args.enable_prefix_caching is False
+    with pytest.raises(ConfigError, match="max_num_batched_tokenz"):
+        parse_engine_args(cfg(extra_args={"max_num_batched_tokenz": 64}))
+    with pytest.raises(ConfigError, match="max-num-batched-tokens"):
+        parse_engine_args(cfg(extra_args={"max_num_batched_tokens": "many"}))

@@ -3,13 +3,14 @@ or refused with a 400 naming it, and a loopback server counts what reached it.""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 
-from tests.deployments.test_api_contract import assert_envelope, good_body, post_chat
 from tests.images import data_uri, encode, pattern, png_bomb
 from tests.servers import ImageServer
+from tests.support import assert_envelope, good_body, post_chat
 
 PNG = encode(pattern(64, 48, seed=21))
 
@@ -67,11 +68,12 @@ def test_an_image_bomb_sent_as_data_uri_is_a_400_that_says_why(iris: str) -> Non
 
 def test_an_image_url_part_is_fetched_once_by_iris(iris: str, image_server: ImageServer) -> None:
     """The control: the same server, reached through Iris's own pipeline."""
-    url = image_server.add_bytes("/front-door.png", PNG)
+    path = f"/front-door-{uuid.uuid4().hex}.png"  # new to every layout's fetcher
+    url = image_server.add_bytes(path, PNG)
     part = {"type": "image_url", "image_url": {"url": url}}
     resp = post_chat(iris, good_body(messages=user(part)))
     assert resp.status_code == 200, resp.text
-    assert image_server.hits["/front-door.png"] == 1
+    assert image_server.hits[path] == 1
 
 
 def test_the_engine_itself_refuses_every_url(

@@ -7,6 +7,8 @@ import pytest
 from handlers.config import FetchSettings
 from handlers.errors import FetchForbidden, ImageError, ImageTooLarge
 from handlers.fetch import Fetcher, decode_data_uri, parse_s3_url, sniff_media_type
+from handlers.formats import FORMATS, ImageFormat
+from handlers.imaging import decode_rgb
 from tests.images import data_uri, encode, pattern
 
 
@@ -28,7 +30,7 @@ def test_data_uri_size_cap_checked_before_decoding() -> None:
 
 
 async def test_media_type_comes_from_bytes_not_the_claim() -> None:
-    with pytest.raises(ImageError, match="did not return an image"):
+    with pytest.raises(ImageError, match="The data: URL does not hold an image"):
         await Fetcher(FetchSettings(), sources={}).fetch(data_uri(b"hello", "image/png"))
     jpeg = encode(pattern(16, 16), "JPEG")
     got = await Fetcher(FetchSettings(), sources={}).fetch(data_uri(jpeg, "image/png"))
@@ -51,3 +53,11 @@ def test_parse_s3_url() -> None:
     assert parse_s3_url("s3://b/k/x.png?versionId=v1") == ("b", "k/x.png", "v1")
     with pytest.raises(ImageError):
         parse_s3_url("s3://bucket-only")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f.label for f in FORMATS])
+def test_every_accepted_format_is_sniffed_and_decoded(fmt: ImageFormat) -> None:
+    """One list: what the fetcher lets through is what the decoder opens, AVIF included."""
+    data = encode(pattern(32, 24, seed=4), fmt.pillow)
+    assert sniff_media_type(data) == fmt.media_type
+    assert decode_rgb(data).shape == (24, 32, 3)

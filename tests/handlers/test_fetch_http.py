@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import pytest
@@ -31,7 +30,7 @@ def _path(suffix: str = ".png") -> str:
 
 
 def fetcher(**overrides: object) -> Fetcher:
-    return Fetcher(FetchSettings(**{**LOCAL, **overrides}))  # type: ignore[arg-type]
+    return Fetcher(FetchSettings(**{**LOCAL, **overrides}))
 
 
 async def test_fetch_judges_media_type_from_bytes(image_server: ImageServer) -> None:
@@ -60,7 +59,7 @@ async def test_status_mapping(
     async with fetcher() as f:
         with pytest.raises(error) as info:
             await f.fetch(url)
-    assert type(info.value) is error and info.value.status == http_status  # type: ignore[attr-defined]
+    assert type(info.value) is error and info.value.status == http_status
 
 
 async def test_redirects_followed_up_to_five(image_server: ImageServer) -> None:
@@ -127,11 +126,8 @@ async def test_unannounced_body_stopped_mid_stream(image_server: ImageServer) ->
     total = 256 << 20
     url = image_server.add_stream(path, PNG, total=total)
     async with fetcher(max_image_bytes=256 << 10) as f:
-        t0 = time.monotonic()
         with pytest.raises(ImageTooLarge):
             await f.fetch(url)
-        assert time.monotonic() - t0 < 5
-    await asyncio.sleep(0.2)
     assert image_server.sent[path] < total // 4
 
 
@@ -139,21 +135,18 @@ async def test_trickle_cut_by_total_deadline(image_server: ImageServer) -> None:
     # 64 bytes every 50 ms keeps a 1 s read timeout happy forever; the deadline is not.
     url = image_server.add_trickle(_path(), PNG * 4, delay_s=0.05)
     async with fetcher(read_timeout_s=1.0, total_timeout_s=0.4) as f:
-        t0 = time.monotonic()
+        # The whole-fetch deadline's message, not the read timeout's ("sent nothing").
         with pytest.raises(FetchTimeout, match=r"longer than 0\.4 s") as info:
             await f.fetch(url)
-        elapsed = time.monotonic() - t0
-    assert 0.35 < elapsed < 1.0
     assert info.value.code == "image_fetch_timeout" and info.value.status == 400
 
 
 async def test_stall_cut_by_read_timeout(image_server: ImageServer) -> None:
     url = image_server.add_trickle(_path(), PNG, delay_s=1.0)
     async with fetcher(read_timeout_s=0.2, total_timeout_s=5) as f:
-        t0 = time.monotonic()
+        # The read timeout's message, not the 5 s deadline's ("longer than").
         with pytest.raises(FetchTimeout, match="sent nothing"):
             await f.fetch(url)
-    assert time.monotonic() - t0 < 1.0
 
 
 async def test_slow_dns_cut_by_connect_timeout() -> None:
@@ -163,7 +156,7 @@ async def test_slow_dns_cut_by_connect_timeout() -> None:
         await asyncio.sleep(5)
         return ["127.0.0.1"]
 
-    s = FetchSettings(connect_timeout_s=0.1, **LOCAL)  # type: ignore[arg-type]
+    s = FetchSettings(connect_timeout_s=0.1, **LOCAL)
     async with Fetcher(s, {"http": HttpSource(s, slow)}) as f:
         with pytest.raises(FetchTimeout):
             await f.fetch("http://slow.example.test/x.png")
@@ -177,7 +170,7 @@ async def test_unresolvable_host_is_a_clear_400() -> None:
     async with Fetcher(s, {"http": HttpSource(s, FakeResolver({}))}) as f:
         with pytest.raises(ImageError, match="could not be resolved") as info:
             await f.fetch("https://nowhere.example.test/x.png")
-    assert info.value.status == 400
+    assert info.value.status == 400 and info.value.code == "image_unreachable"
 
 
 async def test_sixteen_concurrent_fetches_make_one_request(image_server: ImageServer) -> None:

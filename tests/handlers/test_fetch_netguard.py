@@ -231,7 +231,7 @@ def tls_image_server(
         server.close()
 
 
-async def test_https_keeps_sni_and_certificate_hostname(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_https_keeps_sni_and_certificate_hostname(tmp_path) -> None:
     with tls_image_server("images.example.test", tmp_path, "/tls.png") as (
         server, client_ctx, resolver,
     ):
@@ -247,7 +247,7 @@ async def test_https_keeps_sni_and_certificate_hostname(tmp_path) -> None:  # ty
                 await f.fetch(f"https://127.0.0.1:{server.port}/tls.png")
 
 
-async def test_ca_bundle_trusts_an_internal_ca_and_only_then(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_ca_bundle_trusts_an_internal_ca_and_only_then(tmp_path) -> None:
     with tls_image_server("images.internal.test", tmp_path, "/ca.png") as (server, _, resolver):
         url = f"https://images.internal.test:{server.port}/ca.png"
         public = FetchSettings(allow_private_networks=True)

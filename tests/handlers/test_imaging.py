@@ -15,7 +15,7 @@ GEO = ProcessorGeometry(patch_size=14, merge_size=2, min_pixels=3136, max_pixels
 
 def prep(data: bytes, **kw: object) -> np.ndarray:
     return prepare_image(
-        data, GEO, min_pixels=GEO.min_pixels, max_pixels=GEO.max_pixels, **kw  # type: ignore[arg-type]
+        data, GEO, min_pixels=GEO.min_pixels, max_pixels=GEO.max_pixels, **kw
     ).array
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
+from handlers.config import FAST_MIN_HEADROOM
 from handlers.imaging import (
-    FAST_MIN_HEADROOM,
     ProcessorGeometry,
     draft_scale,
     pixel_bounds,
@@ -32,10 +32,10 @@ GEO = ProcessorGeometry(patch_size=14, merge_size=2, min_pixels=3136, max_pixels
 
 
 def both(data: bytes, detail: str = "high", **kw: object) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = pixel_bounds(GEO, detail, "high", 200704)  # type: ignore[arg-type]
+    lo, hi = pixel_bounds(GEO, detail, "high", 200704)
     exact = prepare_image(data, GEO, min_pixels=lo, max_pixels=hi).array
     fast = prepare_image(data, GEO, min_pixels=lo, max_pixels=hi, fidelity="fast",
-                         **kw).array  # type: ignore[arg-type]
+                         **kw).array
     return exact, fast
 
 
@@ -64,12 +64,12 @@ def jpeg(content: str, size: tuple[int, int]) -> bytes:
 
 @cache
 def exact(content: str, size: tuple[int, int], detail: str) -> np.ndarray:
-    lo, hi = pixel_bounds(GEO, detail, "high", 200704)  # type: ignore[arg-type]
+    lo, hi = pixel_bounds(GEO, detail, "high", 200704)
     return prepare_image(jpeg(content, size), GEO, min_pixels=lo, max_pixels=hi).array
 
 
 def fast_psnr(content: str, size: tuple[int, int], detail: str, headroom: float) -> float:
-    lo, hi = pixel_bounds(GEO, detail, "high", 200704)  # type: ignore[arg-type]
+    lo, hi = pixel_bounds(GEO, detail, "high", 200704)
     fast = prepare_image(jpeg(content, size), GEO, min_pixels=lo, max_pixels=hi,
                          fidelity="fast", fast_headroom=headroom).array
     want = exact(content, size, detail)
@@ -110,7 +110,7 @@ def test_fast_really_drafts_big_jpegs(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[tuple[int, int]] = []
     real = JpegImagePlugin.JpegImageFile.draft
 
-    def spy(self: Image.Image, mode: str | None, size: tuple[int, int] | None):  # type: ignore[no-untyped-def]
+    def spy(self: Image.Image, mode: str | None, size: tuple[int, int] | None):
         out = real(self, mode, size)
         sizes.append(self.size)
         return out

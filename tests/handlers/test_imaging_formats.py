@@ -56,8 +56,8 @@ def vllm_load() -> Callable[[bytes], np.ndarray]:
 
 def halves(mode: str, left: object, right: object, size: tuple[int, int] = (32, 16)) -> Image.Image:
     """Left half one colour, right half another."""
-    img = Image.new(mode, size, left)  # type: ignore[arg-type]
-    img.paste(right, (size[0] // 2, 0, size[0], size[1]))  # type: ignore[arg-type]
+    img = Image.new(mode, size, left)
+    img.paste(right, (size[0] // 2, 0, size[0], size[1]))
     return img
 
 

@@ -30,7 +30,7 @@ LOW_MAX_PIXELS = 200704  # ImagingSettings.low_detail_max_pixels default
 
 def prep(data: bytes, **kw: object) -> tuple[int, int]:
     px = prepare_image(data, QWEN2_VL, min_pixels=QWEN2_VL.min_pixels,
-                       max_pixels=QWEN2_VL.max_pixels, **kw)  # type: ignore[arg-type]
+                       max_pixels=QWEN2_VL.max_pixels, **kw)
     return px.height, px.width
 
 
@@ -114,7 +114,7 @@ def test_exif_rotation_decides_the_target_size() -> None:
 
 def tokens(geometry: ProcessorGeometry, h: int, w: int, detail: str,
            default: str = "high") -> int:
-    lo, hi = pixel_bounds(geometry, detail, default, LOW_MAX_PIXELS)  # type: ignore[arg-type]
+    lo, hi = pixel_bounds(geometry, detail, default, LOW_MAX_PIXELS)
     return geometry.tokens_for(*smart_resize(h, w, geometry.factor, lo, hi))
 
 

@@ -11,7 +11,7 @@ from handlers import json_body
 URI = "data:image/jpeg;base64," + base64.b64encode(os.urandom(200_000)).decode()
 
 
-def chat(*urls: str, text: str = "Describe this image.") -> dict:  # type: ignore[type-arg]
+def chat(*urls: str, text: str = "Describe this image.") -> dict:
     parts = [{"type": "image_url", "image_url": {"url": u, "detail": "auto"}} for u in urls]
     return {"model": "m", "stream": True, "max_tokens": 8,
             "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]}

@@ -1,82 +1,98 @@
 """Stream batching: the first burst goes at once, later chunks travel together, order and
-errors are kept, and a consumer that leaves stops the producer."""
+errors are kept, and a consumer that leaves stops the producer. Time is a fake clock that
+the scripted engine moves: no test depends on how fast this machine is."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+
+import pytest
 
 from handlers.errors import IrisError
+from handlers.events import EngineEvent, JsonAnswer, SseChunk
 from handlers.stream_batch import batch_sse
 
 
-async def timed(script: list[tuple[float, tuple[str, Any]]], fail: Exception | None = None,
-                stopped: list[bool] | None = None) -> AsyncIterator[tuple[str, Any]]:
-    """Yields each event after its delay (seconds); then raises `fail`, if given."""
-    try:
-        for delay, event in script:
-            if delay:
-                await asyncio.sleep(delay)
-            yield event
-        if fail is not None:
-            raise fail
-    finally:
-        if stopped is not None:
-            stopped.append(True)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-async def collect(events: AsyncIterator[tuple[str, Any]]) -> list[tuple[float, Any]]:
-    t0 = time.monotonic()
-    return [(time.monotonic() - t0, ev) async for ev in events]
+async def scripted(clock: Clock, script: list[tuple[float, EngineEvent]],
+                   fail: Exception | None = None) -> AsyncGenerator[EngineEvent, None]:
+    """Each event produced at its time (seconds on `clock`); then `fail`, if given. Nothing
+    here waits, so every event is queued before the batcher looks."""
+    for at, event in script:
+        clock.now = at
+        yield event
+    if fail is not None:
+        raise fail
+
+
+def sse(*texts: str) -> list[str]:
+    return list(texts)
+
+
+async def texts(stream: AsyncGenerator[EngineEvent, None]) -> list[str]:
+    return [e.text for e in [ev async for ev in stream] if isinstance(e, SseChunk)]
 
 
 async def test_zero_interval_passes_every_event_through() -> None:
-    script = [(0, ("sse", "a")), (0, ("sse", "b")), (0.01, ("sse", "c"))]
-    got = [ev for _, ev in await collect(batch_sse(timed(script), 0))]
-    assert got == [ev for _, ev in script]
+    clock = Clock()
+    script = [(0.0, SseChunk("a")), (0.0, SseChunk("b")), (0.01, SseChunk("c"))]
+    assert await texts(batch_sse(scripted(clock, script), 0, clock)) == sse("a", "b", "c")
 
 
-async def test_first_burst_at_once_then_chunks_within_the_window_joined() -> None:
-    script = [(0, ("sse", "role|")), (0, ("sse", "tok1|")),  # one engine step
-              (0.01, ("sse", "tok2|")), (0.01, ("sse", "tok3|")), (0.01, ("sse", "[DONE]"))]
-    got = await collect(batch_sse(timed(script), 0.2))
-    assert [ev for _, ev in got] == [("sse", "role|tok1|"), ("sse", "tok2|tok3|[DONE]")]
-    assert got[0][0] < 0.05  # time to first token is not held back by the window
+async def test_first_burst_alone_then_chunks_within_the_window_joined() -> None:
+    clock = Clock()
+    script = [(0.0, SseChunk("role|")), (0.0, SseChunk("tok1|")),  # one engine step
+              (0.01, SseChunk("tok2|")), (0.02, SseChunk("tok3|")), (0.03, SseChunk("[DONE]"))]
+    got = await texts(batch_sse(scripted(clock, script), 0.2, clock))
+    # The first message holds only the first step: time to first token is not held back.
+    assert got == sse("role|tok1|", "tok2|tok3|[DONE]")
 
 
 async def test_a_slow_stream_is_sent_once_per_window() -> None:
-    script = [(0, ("sse", "0"))] + [(0.03, ("sse", str(i))) for i in range(1, 9)]
-    got = [ev[1] for _, ev in await collect(batch_sse(timed(script), 0.1))]
-    assert "".join(got) == "012345678"
-    assert 3 <= len(got) <= 5  # ~240 ms of chunks in 100 ms windows, not 9 messages
+    clock = Clock()
+    script = [(0.03 * i, SseChunk(str(i))) for i in range(9)]  # a chunk every 30 ms
+    got = await texts(batch_sse(scripted(clock, script), 0.1, clock))
+    assert got == sse("0", "1234", "5678")  # 100 ms windows from each message's first chunk
 
 
-async def test_other_events_keep_their_place_and_errors_end_the_stream() -> None:
-    script = [(0, ("sse", "a")), (0.01, ("sse", "b")), (0, ("error", IrisError("late")))]
-    got = [ev for _, ev in await collect(batch_sse(timed(script), 0.2))]
-    assert got[:2] == [("sse", "a"), ("sse", "b")] and got[2][0] == "error"
-
-    boom = [ev for _, ev in await collect(
-        batch_sse(timed([(0, ("sse", "a")), (0.01, ("sse", "b"))], fail=RuntimeError("x")), 0.2))]
-    assert boom[:2] == [("sse", "a"), ("sse", "b")]
-    assert boom[2][0] == "error" and isinstance(boom[2][1], IrisError) and len(boom) == 3
+async def test_errors_end_the_stream_after_the_chunks_before_them() -> None:
+    clock = Clock()
+    stream = batch_sse(scripted(clock, [(0.0, SseChunk("a")), (0.01, SseChunk("b"))],
+                                fail=IrisError("late")), 0.2, clock)
+    got = [await stream.__anext__(), await stream.__anext__()]
+    assert [e.text for e in got if isinstance(e, SseChunk)] == ["a", "b"]
+    with pytest.raises(IrisError, match="late"):
+        await stream.__anext__()
 
 
 async def test_json_answer_passes_untouched() -> None:
-    got = [ev for _, ev in await collect(batch_sse(timed([(0, ("json", {"id": 1}))]), 0.05))]
-    assert got == [("json", {"id": 1})]
+    clock = Clock()
+    got = [e async for e in batch_sse(scripted(clock, [(0.0, JsonAnswer({"id": 1}))]), 0.05,
+                                      clock)]
+    assert got == [JsonAnswer({"id": 1})]
 
 
 async def test_consumer_leaving_stops_the_producer() -> None:
-    stopped: list[bool] = []
-    script = [(0, ("sse", "a"))] + [(0.05, ("sse", "x"))] * 100
-    stream = batch_sse(timed(script, stopped=stopped), 0.01)
-    assert await stream.__anext__() == ("sse", "a")
+    stopped = asyncio.Event()
+    more = asyncio.Event()
+
+    async def engine() -> AsyncGenerator[EngineEvent, None]:
+        try:
+            yield SseChunk("a")
+            await more.wait()  # never set: the engine is still generating
+            yield SseChunk("x")
+        finally:
+            stopped.set()  # where the engine request is aborted
+
+    stream = batch_sse(engine(), 0.01)
+    assert await stream.__anext__() == SseChunk("a")
     await stream.aclose()
-    for _ in range(50):
-        if stopped:
-            break
-        await asyncio.sleep(0.01)
-    assert stopped == [True]
+    await asyncio.wait_for(stopped.wait(), 10)  # a guard, not a timing assertion

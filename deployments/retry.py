@@ -1,0 +1,58 @@
+"""Calls to idempotent stages (fetch, preprocess) are retried when the replica serving them
+died or became unreachable, as Serve does not retry a request a replica already accepted.
+Bounded by the request's deadline; every retry is counted and logged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import ReplicaUnavailableError
+
+from deployments.metrics import metrics
+from deployments.ray_errors import unwrap
+
+logger = logging.getLogger("ray.serve.iris.retry")
+
+T = TypeVar("T")
+
+# The replica (or its node) went away under the call: ActorDiedError, ActorUnavailableError
+# (both RayActorError), a crashed worker, a dead node, a replica Serve already dropped.
+REPLICA_GONE: tuple[type[BaseException], ...] = (
+    RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError,
+)
+# Serve replaces a dead replica in seconds; other replicas take over at once.
+BACKOFF_S = (0.05, 0.25, 0.5, 1.0, 2.0)
+
+
+def replica_gone(exc: BaseException) -> bool:
+    return isinstance(unwrap(exc), REPLICA_GONE)
+
+
+async def retrying(
+    stage: str,
+    call: Callable[[], Awaitable[T]],
+    deadline: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """`call()`, again (after a short backoff) each time its replica is gone, until it
+    answers, fails otherwise, or the next try would start past `deadline` (on `clock`)."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+            if not replica_gone(exc) or clock() + delay >= deadline:
+                raise
+            attempt += 1
+            metrics().retries.inc(tags={"stage": stage})
+            logger.warning("%s: the replica serving it is gone (%s); retry %d",
+                           stage, type(unwrap(exc)).__name__, attempt)
+            await sleep(delay)
