@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
-import logging
 import os
 import signal
 import socket
@@ -14,8 +13,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
+from deployments.progress import (
+    DeployFailed,
+    quiet_serve_client_log,
+    say,
+    settle,
+    startup_notes,
+    wait_until_running,
+    watching_output,
+)
 from handlers.config import IrisConfig
 from handlers.config_load import ConfigError, load_config
 from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pinned
@@ -45,11 +53,6 @@ SLOW_STARTUP_ENV = "RAY_SERVE_SLOW_STARTUP_WARNING_S"
 SLOW_STARTUP_S = 300
 
 # What each deployment does before it is ready, and how long that usually takes here.
-_ENGINE_LOAD = "loads the vLLM engine (usually 40-80 s on a small CPU machine)"
-# While replicas start, a line this often says what is still loading.
-_REMIND_S = 30.0
-
-
 # Where to reach a server bound to a wildcard address.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
@@ -60,10 +63,6 @@ def _socket(host: str) -> socket.socket:
 
 class PortInUse(RuntimeError):
     """A port Iris is configured to serve on is taken by another process."""
-
-
-class DeployFailed(RuntimeError):
-    """The app did not start; the message is Serve's reason."""
 
 
 def _listening(host: str, port: int) -> bool:
@@ -190,74 +189,6 @@ def _ingress_answers(host: str, port: int, wait_s: float = 10.0) -> bool:
         time.sleep(0.5)
 
 
-def _say(t0: float, text: str) -> None:
-    print(f">> [{time.monotonic() - t0:3.0f} s] {text}", flush=True)
-
-
-def _startup_notes(cfg: IrisConfig) -> dict[str, str]:
-    """Per deployment: what it does before it is ready, and how long that usually takes."""
-    return {
-        "ImageFetcher": "fetches images (usually a few seconds)",
-        "ImagePreprocessor": "resizes images, after a warm-up (usually 5-30 s)",
-        "LLMServer": _ENGINE_LOAD,
-        "ChatIngress": (f"the HTTP API, and {_ENGINE_LOAD}" if cfg.deployments.engine_in_ingress
-                        else "the HTTP API (usually a few seconds)"),
-    }
-
-
-def wait_until_running(
-    app_name: str, notes: dict[str, str], t0: float, *, poll_s: float = 1.0
-) -> None:
-    """Poll Serve's status until the app runs, printing each deployment as it starts and as
-    it becomes ready, and every _REMIND_S what is still loading. DeployFailed if it fails."""
-    from ray import serve
-    from ray.serve.schema import ApplicationStatus, DeploymentStatus
-
-    started: dict[str, float] = {}
-    ready: set[str] = set()
-    reminded = time.monotonic()
-    while True:
-        app = serve.status().applications.get(app_name)
-        now = time.monotonic()
-        if app is not None:
-            for name, dep in app.deployments.items():
-                if name not in started:
-                    started[name] = now
-                    _say(t0, f"{name} starting: {notes.get(name, 'a deployment of the app')}")
-                if dep.status == DeploymentStatus.HEALTHY and name not in ready:
-                    ready.add(name)
-                    _say(t0, f"{name} ready ({now - started[name]:.0f} s)")
-            if app.status == ApplicationStatus.RUNNING:
-                return
-            if app.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
-                why = [f"{n}: {d.message}" for n, d in app.deployments.items()
-                       if d.status != DeploymentStatus.HEALTHY and d.message]
-                raise DeployFailed("\n".join([app.message, *why]).strip()
-                                   or f"application {app_name!r} is {app.status.value}")
-        if now - reminded >= _REMIND_S:
-            reminded = now
-            loading = [f"{n} ({now - t:.0f} s so far)" for n, t in started.items()
-                       if n not in ready]
-            if loading:
-                _say(t0, "still starting: " + ", ".join(loading))
-        time.sleep(poll_s)
-
-
-class _NotMisleading(logging.Filter):
-    """Serve's client logs, when the app is deployed after serve.start (which gave the
-    proxy its port), that it connects to the running Serve instance and that "new
-    http_options will not be applied": they were, by serve.start, a moment earlier."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Connecting to existing Serve app")
-
-
-def _quiet_serve_client_log() -> None:
-    logger = logging.getLogger("ray.serve")
-    if not any(isinstance(f, _NotMisleading) for f in logger.filters):
-        logger.addFilter(_NotMisleading())
-
-
 def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> Serving:
     """Start Ray unless connected, start Serve's HTTP side and deploy the app, printing
     progress; returns once the app runs, with where clients reach it."""
@@ -270,7 +201,7 @@ def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> Serving:
     local = None
     if not ray.is_initialized():
         local = init_ray(cfg, num_cpus=num_cpus, log_to_driver=True)
-        _say(t0, "Ray is up")
+        say(t0, "Ray is up")
     http = cfg.http
     metrics_port = local.metrics_port if local is not None else None
     direct = http.direct_ingress and (
@@ -287,7 +218,7 @@ def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> Serving:
               f"Serve's proxy on {http.host}:{proxy_port}", flush=True)
     else:
         proxy_port = http.port
-    _quiet_serve_client_log()
+    quiet_serve_client_log()
     serve.start(http_options={"host": http.host, "port": proxy_port})
     print(f">> deploying {cfg.app_name!r} (model {cfg.model.id!r} from {cfg.model.source})",
           flush=True)
@@ -298,7 +229,7 @@ def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> Serving:
         [serve.RunTarget(build_app(cfg), name=cfg.app_name, route_prefix="/")],
         wait_for_applications_running=False,
     )
-    wait_until_running(cfg.app_name, _startup_notes(cfg), t0)
+    wait_until_running(cfg.app_name, startup_notes(cfg), t0)
     if direct and not _ingress_answers(http.host, http.port):
         # Serve moves an ingress replica that cannot bind its port to the next one.
         print(f">> ChatIngress could not take {http.host}:{http.port} (in use?); clients "
@@ -342,44 +273,6 @@ def stop() -> None:
         ray.shutdown()
 
 
-class _LastWrite:
-    """A text stream that notes when it was last written to. Ray prints its processes'
-    output on this process's stdout and stderr as it arrives, a moment after they wrote it."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self.at = time.monotonic()
-
-    def write(self, text: str) -> int:
-        self.at = time.monotonic()
-        return self._stream.write(text)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-@contextlib.contextmanager
-def _watching_output() -> Iterator[list[_LastWrite]]:
-    streams = [_LastWrite(sys.stdout), _LastWrite(sys.stderr)]
-    sys.stdout, sys.stderr = streams
-    try:
-        yield streams
-    finally:
-        sys.stdout, sys.stderr = streams[0]._stream, streams[1]._stream
-
-
-def _settle(streams: list[_LastWrite], quiet_s: float = 2.5, max_s: float = 20.0) -> None:
-    """Wait until Ray's processes' output stops arriving (quiet_s without a line, at most
-    max_s): the readiness probe's access log, for one, arrives a moment after it was
-    answered, and would otherwise be printed after the ready line."""
-    deadline = time.monotonic() + max_s
-    while time.monotonic() < deadline:
-        idle = time.monotonic() - max(s.at for s in streams)
-        if idle >= quiet_s:
-            return
-        time.sleep(quiet_s - idle)
-
-
 def main() -> int:
     try:
         cfg = load_config()
@@ -397,9 +290,9 @@ def main() -> int:
     t0 = time.monotonic()
     code = 0
     try:
-        with _watching_output() as streams:
+        with watching_output() as streams:
             serving = start(cfg)
-            _settle(streams)
+            settle(streams)
             signal.signal(signal.SIGINT, _stop)
             signal.signal(signal.SIGTERM, _stop)
             if serving.metrics_port is not None:
