@@ -18,6 +18,7 @@ class DeployFailed(RuntimeError):
     """The app did not come up; the message is Serve's reason."""
 
 
+# What each deployment does before it is ready, and how long that usually takes here.
 ENGINE_LOAD = "loads the vLLM engine (usually 40-80 s on a small CPU machine)"
 # While replicas start, a line this often says what is still loading.
 REMIND_S = 30.0

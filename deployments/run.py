@@ -44,6 +44,7 @@ class Serving:
     port: int
     metrics_port: int | None
 
+
 # Serve's controller warns about every replica whose __init__ runs past this many seconds
 # (default 30): on a small CPU machine the engine always does, so every start printed
 # "slow __init__" warnings. `make serve` reports what is loading itself (wait_until_running);
@@ -52,7 +53,6 @@ class Serving:
 SLOW_STARTUP_ENV = "RAY_SERVE_SLOW_STARTUP_WARNING_S"
 SLOW_STARTUP_S = 300
 
-# What each deployment does before it is ready, and how long that usually takes here.
 # Where to reach a server bound to a wildcard address.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
