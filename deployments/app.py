@@ -6,14 +6,16 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
+from deployments.embedding_server import EmbeddingServer
 from deployments.fetcher import ImageFetcher
 from deployments.ingress import ChatIngress
 from deployments.llm_server import LLMServer
 from deployments.preprocessor import ImagePreprocessor
 from deployments.serve_options import (
+    encoder_options,
     fetcher_options,
     ingress_options,
-    llm_options,
+    llm_server_options,
     preprocessor_options,
 )
 from handlers.config import IrisConfig
@@ -21,21 +23,30 @@ from handlers.config_load import ConfigError, load_config
 from handlers.imaging import read_processor_config
 
 
-def with_processor(cfg: IrisConfig) -> IrisConfig:
-    """The config with model.processor filled in from the checkpoint, read here, once: the
-    CPU tier gets it inline and never needs the weights on its nodes."""
-    if cfg.model.processor is not None:
-        return cfg
+def processor_of(source: str, field: str) -> dict[str, Any]:
+    """A checkpoint's image processor config, read here, once: the CPU tier gets it inline
+    and never needs the weights on its nodes."""
     try:
-        processor = read_processor_config(cfg.model.source)
+        return read_processor_config(source)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"model.processor is not set and the image processor config could not be read "
-            f"from model.source ({cfg.model.source}): {exc}. Set model.processor to the "
-            "checkpoint's preprocessor_config.json (scripts/gen_infra.py --processor-from "
-            "<checkpoint> prints the block)."
+            f"{field} is not set and the image processor config could not be read from "
+            f"{source}: {exc}. Set {field} to the checkpoint's preprocessor_config.json "
+            "(scripts/gen_infra.py --processor-from <checkpoint> prints the block)."
         ) from exc
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"processor": processor})})
+
+
+def with_processor(cfg: IrisConfig) -> IrisConfig:
+    """The config with model.processor (and encoder.processor) filled in."""
+    if cfg.serve_chat and cfg.model.processor is None:
+        model = cfg.model.model_copy(update={
+            "processor": processor_of(cfg.model.source, "model.processor")})
+        cfg = cfg.model_copy(update={"model": model})
+    if cfg.encoder is not None and cfg.encoder.processor is None:
+        encoder = cfg.encoder.model_copy(update={
+            "processor": processor_of(cfg.encoder.source, "encoder.processor")})
+        cfg = cfg.model_copy(update={"encoder": encoder})
+    return cfg
 
 
 def build_app(args: dict[str, Any] | IrisConfig | None = None) -> Application:
@@ -47,14 +58,20 @@ def build_app(args: dict[str, Any] | IrisConfig | None = None) -> Application:
     else:
         cfg = load_config()
     cfg = with_processor(cfg.resolved())
-    cpu_tier = cfg.for_cpu_tier()
+    # Scaling and placement go to Serve as options; replicas get the rest (for_replicas).
+    replica_cfg = cfg.for_replicas()
+    cpu_tier = replica_cfg.for_cpu_tier()
     fetcher = deployment(ImageFetcher).options(**fetcher_options(cfg)).bind(cpu_tier)
     preprocessor = deployment(ImagePreprocessor).options(**preprocessor_options(cfg)).bind(
         cpu_tier, fetcher)
-    # The engine in its own deployment, or (engine_in_ingress) inside ChatIngress.
-    llm = (None if cfg.deployments.engine_in_ingress
-           else deployment(LLMServer).options(**llm_options(cfg)).bind(cfg))
-    return deployment(ChatIngress).options(**ingress_options(cfg)).bind(cfg, preprocessor, llm)
+    # The chat engine in its own deployment, or (engine_in_ingress) inside ChatIngress.
+    llm = (deployment(LLMServer).options(**llm_server_options(cfg)).bind(replica_cfg)
+           if cfg.serve_chat and not cfg.deployments.engine_in_ingress else None)
+    # The encoder always has an engine of its own (vLLM's pooling runner).
+    encoder = (deployment(EmbeddingServer).options(**encoder_options(cfg)).bind(replica_cfg)
+               if cfg.encoder is not None else None)
+    return deployment(ChatIngress).options(**ingress_options(cfg)).bind(
+        replica_cfg, preprocessor, llm, encoder)
 
 
 def deployment(decorated: object) -> Deployment:

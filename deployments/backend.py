@@ -23,6 +23,7 @@ from deployments.engine_host import EngineHost
 from deployments.ray_errors import client_error
 from handlers.admission import Admission
 from handlers.config import IrisConfig
+from handlers.errors import ModelNotFound
 from handlers.events import EngineEvent, EventStream, JsonAnswer
 
 
@@ -108,9 +109,32 @@ class ServeBackend:
         pass
 
 
+class NoChatBackend:
+    """The app serves no chat model (serve_chat: false): only the encoder."""
+
+    async def chat(self, request: EngineRequest) -> EventStream:
+        raise ModelNotFound("This server has no chat model.", param="model")
+        yield  # an async generator, like the others
+
+    async def ready(self) -> None:
+        pass
+
+    async def check_health(self) -> None:
+        pass
+
+    async def stats(self) -> dict[str, Any]:
+        return {}
+
+    async def shutdown(self) -> None:
+        pass
+
+
 async def start_backend(config: IrisConfig, llm: DeploymentHandle | None
-                        ) -> InProcessBackend | ServeBackend:
-    """The backend for this layout: LLMServer's handle if the app has one, else an engine here."""
+                        ) -> InProcessBackend | ServeBackend | NoChatBackend:
+    """The backend for this layout: LLMServer's handle if the app has one, else an engine here
+    (or none, when no chat model is served)."""
+    if not config.serve_chat:
+        return NoChatBackend()
     if llm is None:
         return await InProcessBackend.start(config)
     return ServeBackend(llm)

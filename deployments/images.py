@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from blake3 import blake3  # a third of SHA-256's time on a 9 MB URI, still collision-safe
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -34,13 +34,17 @@ from handlers.protocol import ImageRef
 HASH_IN_THREAD_OVER = 1 << 20
 
 
-async def data_uri_key(url: str, detail: str) -> tuple[str, str]:
+# Which model's resize rule an image is prepared for.
+Target = Literal["chat", "encoder"]
+
+
+async def data_uri_key(url: str, detail: str, target: Target = "chat") -> tuple[str, str, str]:
     """A data: URI is its own content: its hash names the prepared pixels for good."""
     if len(url) > HASH_IN_THREAD_OVER:
         digest = await asyncio.to_thread(lambda: blake3(url.encode()).hexdigest())
     else:
         digest = blake3(url.encode()).hexdigest()
-    return digest, detail
+    return digest, detail, target
 
 
 class ImagePreparer:
@@ -50,11 +54,12 @@ class ImagePreparer:
         self._recent: SizedLRU[PreparedImage] = SizedLRU(config.imaging.cache_max_bytes)
 
     async def prepare_all(
-        self, refs: list[ImageRef], deadline: float, *, reuse: bool = True
+        self, refs: list[ImageRef], deadline: float, *, reuse: bool = True,
+        target: Target = "chat",
     ) -> list[PreparedImage]:
         """Every image of a request, in order; the total pixel count checked."""
-        images = list(await asyncio.gather(*(self.prepare(r, deadline, reuse=reuse)
-                                             for r in refs)))
+        images = list(await asyncio.gather(*(self.prepare(r, deadline, reuse=reuse,
+                                                          target=target) for r in refs)))
         total = sum(img.pixel_count for img in images)
         if total > self._limits.max_total_pixels:
             raise InvalidRequest(
@@ -63,16 +68,17 @@ class ImagePreparer:
             )
         return images
 
-    async def prepare(self, ref: ImageRef, deadline: float, *, reuse: bool = True
-                      ) -> PreparedImage:
+    async def prepare(self, ref: ImageRef, deadline: float, *, reuse: bool = True,
+                      target: Target = "chat") -> PreparedImage:
         key = None
         if ref.url[:5].lower() == "data:":
-            key = await data_uri_key(ref.url, ref.detail)
+            key = await data_uri_key(ref.url, ref.detail, target)
             hit = self._recent.get(key) if reuse else None
             if hit is not None:
                 return hit
         try:
-            prepared = await retrying("preprocess", lambda: self._call(ref, deadline), deadline)
+            prepared = await retrying("preprocess", lambda: self._call(ref, deadline, target),
+                                      deadline)
         except Exception as exc:
             err = client_error(exc)
             # The image's own errors name it: the client's (4xx) and its source's (502).
@@ -83,10 +89,10 @@ class ImagePreparer:
             self._recent.put(key, prepared, prepared.pixel_count * 3)
         return prepared
 
-    async def _call(self, ref: ImageRef, deadline: float) -> PreparedImage:
+    async def _call(self, ref: ImageRef, deadline: float, target: Target) -> PreparedImage:
         budget = max(0.0, deadline - time.monotonic())
         response = cast(DeploymentResponseGenerator[Any],  # stream=True: a generator
-                        self._prep.prepare.remote(ref.url, ref.detail, budget))
+                        self._prep.prepare.remote(ref.url, ref.detail, budget, target))
         items: Any = await response._to_object_ref_gen()
         meta: ImageMeta = await (await items.__anext__())
         pixels = await items.__anext__()  # a reference: the pixels stay in the object store

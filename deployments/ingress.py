@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.asgi import CancelledReceiveIsDisconnect
 from deployments.backend import start_backend
 from deployments.contract import EngineRequest, PreparedImage
+from deployments.encoder_client import EncoderClient
 from deployments.images import ImagePreparer
 from deployments.metrics import metrics, record_error
 from deployments.ray_errors import client_error
@@ -41,6 +43,10 @@ from handlers.errors import (
 )
 from handlers.events import EngineEvent, EventStream, JsonAnswer
 from handlers.protocol import ImageRef, extract_images, model_card, model_list, parse_envelope
+from handlers.responses import chat_body as responses_chat_body
+from handlers.responses import new_response_id, response_from_chat, responses_param
+from handlers.responses import parse_request as parse_responses
+from handlers.responses_stream import ResponsesStream, sse_frames
 from handlers.sse import SSE_HEADERS, relay
 
 app = FastAPI(title="Iris", docs_url=None, redoc_url=None, openapi_url=None)
@@ -117,11 +123,15 @@ def affinity_key(body: dict[str, Any], images: list[PreparedImage]) -> str | Non
 @serve.ingress(app)
 class ChatIngress:
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
-        self, config: IrisConfig, preprocessor: DeploymentHandle, llm: DeploymentHandle | None
+        self, config: IrisConfig, preprocessor: DeploymentHandle,
+        llm: DeploymentHandle | None, encoder: DeploymentHandle | None = None,
     ) -> None:
         self._cfg = config
-        self._model_id = config.model.id
+        self._model_id = config.model.id if config.serve_chat else None
         self._images = ImagePreparer(preprocessor, config)
+        # /v1/embeddings and /v1/moderations, when an encoder is served.
+        self._encoder = (EncoderClient(config, encoder, self._images)
+                         if encoder is not None else None)
         # The engine in this replica, or LLMServer's handle: the rest of the class does not
         # know which (deployments/backend.py).
         self._backend = await start_backend(config, llm)
@@ -159,19 +169,48 @@ class ChatIngress:
         benchmarks read it from the replica)."""
         return {**await self._backend.stats(), "recent_images": self._images.stats()}
 
+    def _served(self) -> list[str]:
+        return [m for m in (self._model_id, self._encoder and self._encoder.model_id) if m]
+
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return model_list(self._model_id, self._model_id, self._created)
+        return model_list(self._served(), self._created)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str) -> dict[str, Any]:
-        if model_id != self._model_id:
+        if model_id not in self._served():
             raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
-        return model_card(self._model_id, self._model_id, self._created)
+        return model_card(model_id, model_id, self._created)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's embeddings, with images as input items, from the encoder."""
+        return await self._within_deadline(self._encode(request, "embeddings"))
+
+    @app.post("/v1/moderations")
+    async def moderations(self, request: Request) -> Response:
+        """OpenAI's omni-moderation, text and images, scored with the encoder."""
+        return await self._within_deadline(self._encode(request, "moderations"))
+
+    async def _encode(self, request: Request, route: str) -> Response:
+        deadline = time.monotonic() + self._cfg.limits.request_timeout_s
+        body = await read_json(request, self._cfg.limits.max_body_bytes)
+        if self._encoder is None:
+            model = body.get("model") if isinstance(body, dict) else None
+            raise ModelNotFound(f"The model {model!r} does not exist: this server has no "
+                                f"encoder for /v1/{route}.", param="model")
+        work = (self._encoder.embeddings if route == "embeddings"
+                else self._encoder.moderations)
+        return JSONResponse(await work(body, deadline))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._within_deadline(self._chat(request))
+
+    @app.post("/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, stateless, translated onto the chat path."""
+        return await self._within_deadline(self._responses(request))
 
     async def _within_deadline(self, work: Any) -> Response:
         """The request's whole life up to its first byte, bounded by limits.request_timeout_s;
@@ -185,12 +224,42 @@ class ChatIngress:
         except Exception as exc:
             raise client_error(exc) from None
 
+    async def _responses(self, request: Request) -> Response:
+        started = time.perf_counter()
+        deadline = time.monotonic() + self._cfg.limits.request_timeout_s
+        req = parse_responses(await read_json(request, self._cfg.limits.max_body_bytes))
+        if self._model_id is None or req.model != self._model_id:
+            raise ModelNotFound(f"The model {req.model!r} does not exist.", param="model")
+        body = responses_chat_body(req)
+        try:
+            body["messages"], refs = extract_images(
+                body["messages"], self._cfg.limits.max_images_per_request)
+            first, stream = await self.open_chat(body, refs, deadline, started)
+        except IrisError as err:
+            err.param = responses_param(req, err.param)  # the Responses field, not chat's
+            raise
+        response_id, created = new_response_id(), int(time.time())
+        if isinstance(first, JsonAnswer):
+            await stream.aclose()
+            return JSONResponse(response_from_chat(first.body, req, response_id, created))
+        events = ResponsesStream(req, response_id, created)
+
+        async def translated() -> AsyncIterator[str]:
+            yield sse_frames(events.start())
+            async for text in relay(first.text, stream, deadline, on_error=record_error,
+                                    on_done=lambda: None):
+                yield sse_frames(events.feed_sse(text))  # error frames become failed events
+            yield sse_frames(events.finish())
+
+        return StreamingResponse(translated(), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
     async def _chat(self, request: Request) -> Response:
         started = time.perf_counter()
         deadline = time.monotonic() + self._cfg.limits.request_timeout_s
         body = await read_json(request, self._cfg.limits.max_body_bytes)
         env = parse_envelope(body)
-        if env.model != self._model_id:
+        if self._model_id is None or env.model != self._model_id:
             raise ModelNotFound(f"The model {env.model!r} does not exist.", param="model")
         body["messages"], refs = extract_images(
             env.messages, self._cfg.limits.max_images_per_request)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,16 +18,10 @@ from deployments.metrics import metrics
 from deployments.retry import retrying
 from handlers.cache import SingleFlight, SizedLRU
 from handlers.config import IrisConfig
-from handlers.imaging import (
-    PreparedPixels,
-    configure_threads,
-    geometry_from,
-    pixel_bounds,
-    prepare_image,
-    warm_up,
-)
+from handlers.imaging import PreparedPixels, configure_threads, prepare_image, warm_up
 from handlers.media import FetchedImage, decode_data_uri, finish
 from handlers.protocol import Detail
+from handlers.resize_rules import ResizeRule, rule_from
 
 
 def _assigned_cpus() -> int:
@@ -46,14 +39,20 @@ class ImagePreprocessor:
         self._cfg = config.imaging
         self._fetcher = fetcher
         self._fetch_budget_s = config.fetch.total_timeout_s
-        if config.model.processor is None:
-            raise ValueError("model.processor is not set: build_app fills it in")
-        geometry = geometry_from(config.model.processor)
-        self._geometry = dataclasses.replace(
-            geometry,
-            min_pixels=self._cfg.min_pixels or geometry.min_pixels,
-            max_pixels=self._cfg.max_pixels or geometry.max_pixels,
-        )
+        # Each model's own resize rule, learnt from its processor config (build_app fills them
+        # in): Qwen2-VL's smart_resize for chat, CLIP's resize-and-crop for the encoder, ...
+        self._rules: dict[str, ResizeRule] = {}
+        if config.serve_chat:
+            if config.model.processor is None:
+                raise ValueError("model.processor is not set: build_app fills it in")
+            self._rules["chat"] = rule_from(
+                config.model.processor, default_detail=self._cfg.default_detail,
+                low_max_pixels=self._cfg.low_detail_max_pixels,
+                min_pixels=self._cfg.min_pixels, max_pixels=self._cfg.max_pixels)
+        if config.encoder is not None:
+            if config.encoder.processor is None:
+                raise ValueError("encoder.processor is not set: build_app fills it in")
+            self._rules["encoder"] = rule_from(config.encoder.processor)
         # Decoding and resizing release the GIL: one worker thread per CPU this replica owns.
         threads = _assigned_cpus()
         # One torch thread per worker: parallelism comes from the workers, not inside a resize.
@@ -63,7 +62,8 @@ class ImagePreprocessor:
             initializer=configure_threads, initargs=(1,),
         )
         # Serve reports the replica ready only after this: no user request pays for it.
-        self._pool.submit(warm_up, self._geometry, self._cfg.fidelity).result()
+        for rule in self._rules.values():
+            self._pool.submit(warm_up, rule, self._cfg.fidelity).result()
         self._max_image_bytes = config.fetch.max_image_bytes
         # Resized pixels of recent images, in this process's memory, by content and size.
         self._cache: SizedLRU[tuple[ImageMeta, np.ndarray]] = SizedLRU(
@@ -72,21 +72,24 @@ class ImagePreprocessor:
         self._flight = SingleFlight()
 
     async def prepare(
-        self, url: str, detail: Detail = "auto", budget_s: float | None = None
+        self, url: str, detail: Detail = "auto", budget_s: float | None = None,
+        target: str = "chat",
     ) -> AsyncIterator[ImageMeta | np.ndarray]:
-        """Streams the image's ImageMeta, then its pixels (HxWx3 uint8). As items of the
-        caller's streaming call, both belong to the caller, not to this replica."""
+        """Streams the image's ImageMeta, then its pixels (HxWx3 uint8) as `target`'s model
+        ("chat" or "encoder") wants them. As items of the caller's streaming call, both
+        belong to the caller, not to this replica."""
         deadline = time.monotonic() + (self._fetch_budget_s if budget_s is None else budget_s)
+        rule = self._rules.get(target)
+        if rule is None:
+            raise ValueError(f"no model here takes images for {target!r}")
         fetched = await self._fetch(url, deadline)
-        min_px, max_px = pixel_bounds(
-            self._geometry, detail, self._cfg.default_detail, self._cfg.low_detail_max_pixels
-        )
-        key = (fetched.sha256, min_px, max_px, self._cfg.fidelity, self._cfg.fast_min_headroom)
+        key = (fetched.sha256, target, rule.cache_key(detail), self._cfg.fidelity,
+               self._cfg.fast_min_headroom)
         cached = self._cache.get(key)
         if cached is None:
             # Concurrent requests for one image share a single decode.
             cached = await self._flight.run(
-                key, lambda: self._prepare(fetched, key, min_px, max_px))
+                key, lambda: self._prepare(fetched, key, rule, detail, target))
         meta, pixels = cached
         yield meta
         yield pixels
@@ -106,16 +109,16 @@ class ImagePreprocessor:
         return fetched
 
     async def _prepare(
-        self, fetched: FetchedImage, key: tuple[object, ...], min_px: int, max_px: int
+        self, fetched: FetchedImage, key: tuple[object, ...], rule: ResizeRule, detail: Detail,
+        target: str,
     ) -> tuple[ImageMeta, np.ndarray]:
         t0 = time.perf_counter()
         pixels: PreparedPixels = await asyncio.get_running_loop().run_in_executor(
             self._pool,
             lambda: prepare_image(
                 fetched.data,
-                self._geometry,
-                min_pixels=min_px,
-                max_pixels=max_px,
+                rule,
+                detail=detail,
                 fidelity=self._cfg.fidelity,
                 fast_headroom=self._cfg.fast_min_headroom,
                 max_decoded_pixels=self._cfg.max_decoded_pixels,
@@ -125,8 +128,10 @@ class ImagePreprocessor:
         m.stage("preprocess", time.perf_counter() - t0)
         m.pixels.inc(pixels.source_width * pixels.source_height, tags={"direction": "in"})
         m.pixels.inc(pixels.width * pixels.height, tags={"direction": "out"})
-        # The uuid names the exact pixels: same bytes at another size are another item.
-        meta = ImageMeta(uuid=f"{fetched.sha256[:32]}-{pixels.width}x{pixels.height}",
+        # The uuid names the exact pixels: same bytes at another size (or cropped for another
+        # model) are another item; each engine caches by it.
+        tag = "" if target == "chat" else f"-{target}"
+        meta = ImageMeta(uuid=f"{fetched.sha256[:32]}{tag}-{pixels.width}x{pixels.height}",
                          width=pixels.width, height=pixels.height)
         self._cache.put(key, (meta, pixels.array), pixels.array.nbytes)
         return meta, pixels.array

@@ -91,8 +91,31 @@ def ingress_options(cfg: IrisConfig) -> dict[str, Any]:
     the ingress's HTTP limits: the engine's own apply inside (deployments.backend)."""
     d = cfg.deployments
     http = deployment_options(d.ingress, longest_request_s=cfg.limits.request_timeout_s)
-    if not d.engine_in_ingress:
+    if not (d.engine_in_ingress and cfg.serve_chat):
         return http
     opts = {k: v for k, v in llm_options(cfg).items() if k not in QUEUE_LIMITS}
     opts.update({k: http[k] for k in QUEUE_LIMITS if k in http})
+    return opts
+
+
+def llm_server_options(cfg: IrisConfig) -> dict[str, Any]:
+    """LLMServer's options: the engine replica's, and the router its callers use."""
+    opts = llm_options(cfg)
+    d = cfg.deployments
+    if d.llm_router == "image_affinity":
+        opts["request_router_config"] = {  # Serve's RequestRouterConfig
+            # Serve pickles the router's module by value into every caller (ChatIngress).
+            "request_router_class": "deployments.router:ImageAffinityRouter",
+            "request_router_kwargs": {"imbalance_margin": d.llm_router_imbalance_margin},
+        }
+    return opts
+
+
+def encoder_options(cfg: IrisConfig) -> dict[str, Any]:
+    """EmbeddingServer's options: the config's, and the encoder's environment."""
+    assert cfg.encoder is not None
+    opts = deployment_options(cfg.deployments.encoder,
+                              longest_request_s=cfg.limits.request_timeout_s)
+    opts.setdefault("ray_actor_options", {})["runtime_env"] = {
+        "env_vars": dict(cfg.encoder.env)}
     return opts

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+
+from handlers.moderation import ModerationSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,10 +64,11 @@ class EngineSettings(_Strict):
     )
 
     tool_call_parser: str | None = Field(
-        None,
-        description="vLLM's tool-call parser for the model's chat template (hermes for "
-        "Qwen2.5-VL and the demo model): tools with tool_choice auto/required/named work. "
-        "None: no tool calling.",
+        "hermes",
+        description="vLLM's tool-call parser for the model's chat template, with auto tool "
+        "choice on: tools with tool_choice auto, required or a named function work. hermes "
+        "fits Qwen2.5-VL's tool format (and the demo model's); other families have their own "
+        "(vLLM's --tool-call-parser). null: no tool calling (tool requests are refused).",
     )
     metrics: bool = Field(
         True,
@@ -93,6 +96,36 @@ class EngineSettings(_Strict):
         return v
 
 
+class EncoderSettings(_Strict):
+    """An image-text encoder (CLIP, SigLIP) on vLLM's pooling runner, for /v1/embeddings and
+    /v1/moderations. It runs in an engine of its own (EmbeddingServer): a vLLM engine either
+    generates or pools."""
+
+    id: str = Field("demo-clip", description="Model id clients send and /v1/models lists.")
+    source: str = Field(
+        ".models/demo-clip",
+        description="Local directory or Hugging Face id of the encoder checkpoint "
+        "(e.g. openai/clip-vit-base-patch32).",
+    )
+    processor: dict[str, Any] | None = Field(
+        None, description="The encoder's image processor settings (preprocessor_config.json); "
+        "as model.processor: read from source where the app is built when unset.",
+    )
+    dtype: str = Field("auto", description="vLLM dtype.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest text in tokens (None: the model's own, 77 for CLIP).")
+    max_num_seqs: int = Field(64, gt=0, description="Items the engine pools at once.")
+    kv_cache_memory_bytes: int | None = Field(
+        64 << 20, gt=0,
+        description="Memory for the encoder's attention cache (pooling needs little); None: "
+        "vLLM's default share of the device.",
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vLLM engine argument, as for engine.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment for the EmbeddingServer replica.")
+
+
 class LimitSettings(_Strict):
     max_body_bytes: int = Field(64 << 20, gt=0, description="Largest accepted request body.")
     max_images_per_request: int = Field(8, ge=0, description="Images allowed in one request.")
@@ -100,6 +133,10 @@ class LimitSettings(_Strict):
         16_000_000, gt=0, description="Pixels (after resizing) a request's images may total."
     )
     request_timeout_s: float = Field(600.0, gt=0, description="Whole-request deadline.")
+    max_embedding_inputs: int = Field(
+        256, gt=0, description="Items (texts and images) one /v1/embeddings or "
+        "/v1/moderations request may hold.",
+    )
 
 
 class FetchSettings(_Strict):
@@ -230,6 +267,25 @@ class DeploymentsSettings(_Strict):
         ),
         description="LLMServer (vLLM engine).",
     )
+    encoder: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(
+            num_replicas=1, num_cpus=1, max_ongoing_requests=64
+        ),
+        description="EmbeddingServer (the encoder's vLLM engine).",
+    )
+    llm_router: Literal["image_affinity", "power_of_two"] = Field(
+        "image_affinity",
+        description="How ChatIngress picks an LLMServer replica. image_affinity: requests with "
+        "the same key (the client's prompt_cache_key, else the conversation's first image) "
+        "go to the same replica, whose vLLM prefix and multimodal caches then hit (rendezvous "
+        "hashing, no shared state; a load guard sends a request elsewhere when its replica is "
+        "full or much busier than the least busy). power_of_two: Serve's default.",
+    )
+    llm_router_imbalance_margin: float = Field(
+        16, ge=0,
+        description="image_affinity: a request leaves its replica when that replica's queue is "
+        "longer than the shortest by more than this (or the replica is full).",
+    )
     engine_in_ingress: bool = Field(
         False,
         description="Run the vLLM engine inside the ChatIngress replica instead of its own "
@@ -239,6 +295,20 @@ class DeploymentsSettings(_Strict):
         "and max_queued_requests for HTTP, and applies llm's to the engine inside (beyond "
         "them requests are refused with 503, as Serve does in front of LLMServer).",
     )
+
+    @field_validator("ingress", "fetcher", "preprocessor", "llm", "encoder", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        """A deployment's section keeps the defaults for the fields it leaves out: a config
+        that only says `fetcher: {num_replicas: 2}` must not drop the fetcher's concurrency
+        (128) to Serve's default of 5, where a few hung sources would block every fetch."""
+        if not isinstance(value, dict):
+            return value
+        field = cls.model_fields[str(info.field_name)]
+        default = field.get_default(call_default_factory=True).model_dump(exclude_none=True)
+        if "autoscaling_config" in value and "num_replicas" not in value:
+            default.pop("num_replicas", None)  # autoscaling replaces a fixed count
+        return {**default, **value}
 
 
 # Ray Serve reads this at import time in every Ray process, so it must be in the
@@ -309,6 +379,16 @@ class IrisConfig(_Strict):
         default_factory=DeploymentsSettings, description="Serve options per deployment."
     )
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
+    serve_chat: bool = Field(
+        True, description="Serve the chat model (model, engine). False: only the encoder.")
+    encoder: EncoderSettings | None = Field(
+        None, description="The image-text encoder for /v1/embeddings and /v1/moderations; "
+        "null: neither route serves a model.",
+    )
+    moderation: ModerationSettings = Field(
+        default_factory=ModerationSettings,
+        description="How /v1/moderations scores inputs with the encoder (handlers/moderation.py).",
+    )
     api_key: list[SecretStr] | None = Field(
         None, description="Bearer key(s) required on every route but /health (IRIS_API_KEY: "
         "one key, a comma-separated list, or a JSON list)."
@@ -333,16 +413,41 @@ class IrisConfig(_Strict):
         return v
 
     def resolved(self) -> IrisConfig:
-        """Copy with a relative local model path made absolute (replicas run elsewhere)."""
-        src = Path(self.model.source)
-        if not src.is_absolute() and not src.exists() and (REPO_ROOT / src).exists():
-            src = REPO_ROOT / src
-        if src.exists():
-            model = self.model.model_copy(update={"source": str(src.resolve())})
-            return self.model_copy(update={"model": model})
-        return self
+        """Copy with relative local checkpoint paths made absolute (replicas run elsewhere)."""
+        out = self.model_copy(update={
+            "model": self.model.model_copy(update={"source": _absolute(self.model.source)})})
+        if self.encoder is not None:
+            out = out.model_copy(update={"encoder": self.encoder.model_copy(
+                update={"source": _absolute(self.encoder.source)})})
+        return out
+
+    def for_replicas(self) -> IrisConfig:
+        """What replicas are started with: everything but how Serve scales and places them
+        (bar the engine's queue limits, which the in-process engine applies itself). A
+        change to replicas, autoscaling, resources or health checks is then an in-place
+        update of the deployment it concerns, not a restart of every replica (Serve restarts
+        a replica when its init arguments change)."""
+        d, llm = self.deployments, self.deployments.llm
+        kept = DeploymentsSettings(
+            engine_in_ingress=d.engine_in_ingress,
+            llm=DeploymentSettings(max_ongoing_requests=llm.max_ongoing_requests,
+                                   max_queued_requests=llm.max_queued_requests),
+        )
+        return self.model_copy(update={"deployments": kept})
 
     def for_cpu_tier(self) -> IrisConfig:
         """What the fetcher and preprocessor get: no checkpoint location, so they cannot
-        depend on the weights being on their node (they use model.processor)."""
-        return self.model_copy(update={"model": self.model.model_copy(update={"source": ""})})
+        depend on the weights being on their node (they use the processor configs)."""
+        out = self.model_copy(update={"model": self.model.model_copy(update={"source": ""})})
+        if self.encoder is not None:
+            out = out.model_copy(update={"encoder": self.encoder.model_copy(
+                update={"source": ""})})
+        return out
+
+
+def _absolute(source: str) -> str:
+    """A relative local checkpoint path as an absolute one (a Hugging Face id unchanged)."""
+    src = Path(source)
+    if not src.is_absolute() and not src.exists() and (REPO_ROOT / src).exists():
+        src = REPO_ROOT / src
+    return str(src.resolve()) if src.exists() else source

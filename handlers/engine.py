@@ -8,6 +8,7 @@ Errors are raised as IrisErrors, including the error chunk vLLM writes into a st
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 import logging
@@ -85,26 +86,30 @@ def extra_cli_args(extra: dict[str, Any]) -> list[str]:
 def parse_engine_args(cfg: IrisConfig) -> Namespace:
     """The config through vLLM's own argument parser: an unknown or ill-typed
     engine.extra_args entry stops the start with vLLM's message, naming the field."""
+    return parse_vllm_args(engine_cli_args(cfg), cfg.engine.extra_args, "engine.extra_args")
+
+
+def parse_vllm_args(argv: list[str], extra: dict[str, Any], where: str) -> Namespace:
+    """`argv` (which ends with `extra` as flags, extra_cli_args) through `vllm serve`'s own
+    parser; ConfigError naming `where` for a key vLLM does not know or a value it refuses."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     class RaisingParser(FlexibleArgumentParser):
         def error(self, message: str) -> NoReturn:
-            raise ConfigError(f"engine.extra_args: vLLM refused the engine arguments: {message}")
+            raise ConfigError(f"{where}: vLLM refused the engine arguments: {message}")
 
     parser = make_arg_parser(RaisingParser(prog="iris-engine"))  # type: ignore[no-untyped-call]
     known = parser._option_string_actions
-    for key in cfg.engine.extra_args:
+    for key in extra:
         flag = "--" + key.strip().lower().replace("_", "-")
         if flag not in known:
             close = difflib.get_close_matches(flag, list(known), n=1)
             hint = f"; did you mean {close[0][2:].replace('-', '_')}?" if close else ""
-            raise ConfigError(f"engine.extra_args.{key} is not a vLLM engine argument{hint}")
-    argv = engine_cli_args(cfg)
+            raise ConfigError(f"{where}.{key} is not a vLLM engine argument{hint}")
     # `false` for a flag that has no --no- form (store_true) means: leave it off.
-    argv = [a for a in argv if not (a.startswith("--no-") and a not in
-                                    parser._option_string_actions
-                                    and "--" + a[5:] in parser._option_string_actions)]
+    argv = [a for a in argv if not (a.startswith("--no-") and a not in known
+                                    and "--" + a[5:] in known)]
     args: Namespace = parser.parse_args(argv)
     validate_parsed_serve_args(args)
     return args
@@ -178,11 +183,13 @@ class VllmChatEngine:
         refuse_engine_fetches()
         args = parse_engine_args(cfg)
         engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = engine_args.create_engine_config(
-            usage_context=UsageContext.OPENAI_API_SERVER
-        )
+        vllm_config = await asyncio.to_thread(
+            engine_args.create_engine_config, usage_context=UsageContext.OPENAI_API_SERVER)
         totals, loggers = stat_loggers(cfg.engine.metrics)
-        engine = AsyncLLM.from_vllm_config(
+        # In a thread: it blocks for the whole engine start (spawning and loading), and the
+        # event loop must keep answering meanwhile (503s while an engine restarts).
+        engine = await asyncio.to_thread(
+            AsyncLLM.from_vllm_config,
             vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             enable_log_requests=False,
@@ -232,6 +239,8 @@ class VllmChatEngine:
         except ValidationError as exc:
             msg, param = validation_message(exc)
             raise InvalidRequest(msg, param=param) from None
+        except Exception as exc:  # vLLM's validators raise its own errors (e.g. stream_options)
+            self._raise(create_error_response(exc).model_dump(), exc)
         try:
             result = await self._chat.create_chat_completion(request, None)
         except Exception as exc:  # vLLM raises some client errors instead of returning

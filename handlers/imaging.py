@@ -7,13 +7,16 @@ torchvision's bicubic + antialias to the `smart_resize` size. We do the same her
 vLLM's processor finds the image already at its target size and only normalises and
 patches it. The one deliberate difference: 16-bit greyscale (mode I;16) is scaled to
 8 bits (Pillow's `convert` clips it, which turns most such images white).
+
+Other models' rules (CLIP's shortest edge + centre crop, SigLIP's fixed size) live in
+handlers/resize_rules.py; `prepare_image` takes any of them and applies the resize with the
+same torchvision call, then the crop, exactly as those processors do.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +30,13 @@ from handlers.config import FAST_MIN_HEADROOM
 from handlers.errors import ImageError, ImageTooLarge
 from handlers.formats import NAMES, PILLOW_FORMATS
 from handlers.protocol import Detail
+from handlers.resize_rules import MAX_ASPECT_RATIO as MAX_ASPECT_RATIO
+from handlers.resize_rules import ProcessorGeometry as ProcessorGeometry
+from handlers.resize_rules import ResizeRule, SmartResize, apply_crop
+from handlers.resize_rules import check_aspect as check_aspect
+from handlers.resize_rules import geometry_from as geometry_from
+from handlers.resize_rules import pixel_bounds as pixel_bounds
+from handlers.resize_rules import smart_resize as smart_resize
 
 # We check the pixel count ourselves (from the header, before decoding) and give a 400.
 Image.MAX_IMAGE_PIXELS = None
@@ -34,7 +44,6 @@ Image.MAX_IMAGE_PIXELS = None
 Fidelity = Literal["exact", "fast"]
 T = TypeVar("T")
 
-MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses anything beyond this.
 MIN_SIDE = 2  # A 1-pixel side carries no picture, and HF's processor may read it as channels.
 
 # Raster formats decoded in-process by Pillow (handlers/formats.py). A subset of vLLM's
@@ -54,23 +63,6 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_SIDES = (5, 6, 7, 8)
-
-@dataclass(frozen=True)
-class ProcessorGeometry:
-    """What the model's image processor needs to know to pick a target size."""
-
-    patch_size: int = 14
-    merge_size: int = 2
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    def tokens_for(self, height: int, width: int) -> int:
-        """Image placeholder tokens the model uses for an image of this (target) size."""
-        return (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
 
 
 def read_processor_config(source: str | Path) -> dict[str, Any]:
@@ -93,39 +85,9 @@ def read_processor_config(source: str | Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no image processor config found for model {source}")
 
 
-def geometry_from(cfg: dict[str, Any]) -> ProcessorGeometry:
-    """Patch/merge size and pixel bounds from the image processor's settings."""
-    size = cfg.get("size") or {}
-    return ProcessorGeometry(
-        patch_size=int(cfg.get("patch_size", 14)),
-        merge_size=int(cfg.get("merge_size", 2)),
-        min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
-        max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280),
-    )
-
-
 def load_geometry(source: str | Path) -> ProcessorGeometry:
     """geometry_from the checkpoint's own processor config (benchmarks, tests)."""
     return geometry_from(read_processor_config(source))
-
-
-def smart_resize(
-    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """Qwen2-VL's rule: sides divisible by `factor`, pixels within bounds, aspect kept."""
-    check_aspect(width, height)
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
 
 
 def check_size(width: int, height: int) -> None:
@@ -136,35 +98,6 @@ def check_size(width: int, height: int) -> None:
             "pixels on each side."
         )
     check_aspect(width, height)
-
-
-def check_aspect(width: int, height: int) -> None:
-    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise ImageError(
-            f"Image aspect ratio {width}x{height} is more extreme than the model accepts "
-            f"(at most {MAX_ASPECT_RATIO}:1)."
-        )
-
-
-def pixel_bounds(
-    geometry: ProcessorGeometry, detail: Detail, default_detail: str, low_max_pixels: int
-) -> tuple[int, int]:
-    """(min_pixels, max_pixels) for an OpenAI `detail` level.
-
-    `low` caps the image at `low_max_pixels` (ImagingSettings.low_detail_max_pixels),
-    `high` uses the model's own max_pixels, `auto` means `default_detail`. An image already
-    under the cap is not touched by `low`. Tokens per image = pixels / factor**2:
-
-    - Qwen2-VL / Qwen2.5-VL (patch 14, merge 2, factor 28, 784 px per token): low (200704 px)
-      is at most 256 tokens; high is max_pixels / 784, i.e. 1280 tokens for the demo model
-      (max_pixels 1003520) and 16384 for the stock checkpoints (12845056).
-    - Qwen3-VL (patch 16, merge 2, factor 32, 1024 px per token): low is at most 196 tokens.
-    """
-    level = default_detail if detail == "auto" else detail
-    if level == "low":
-        cap = min(low_max_pixels, geometry.max_pixels)
-        return geometry.min_pixels, max(geometry.min_pixels, cap)
-    return geometry.min_pixels, geometry.max_pixels
 
 
 def configure_threads(n: int = 1) -> None:
@@ -298,10 +231,11 @@ def decode_rgb(data: bytes, max_decoded_pixels: int = 100_000_000) -> np.ndarray
     return _guarded(_decode, img, exif_orientation(img), len(data))
 
 
-def _resize_exact(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+def _resize_exact(rgb: np.ndarray, height: int, width: int,
+                  interpolation: str = "bicubic") -> np.ndarray:
     """The same call the torchvision-backed HF processor makes, on uint8 CHW."""
     if rgb.shape[0] == height and rgb.shape[1] == width:
-        return rgb
+        return rgb  # tvF.resize returns its input unchanged too.
     import torch
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
@@ -311,7 +245,7 @@ def _resize_exact(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
         warnings.simplefilter("ignore", UserWarning)
         chw = torch.from_numpy(rgb).permute(2, 0, 1)
     # torch releases the GIL inside the kernel.
-    out = tvF.resize(chw, [height, width], interpolation=InterpolationMode.BICUBIC,
+    out = tvF.resize(chw, [height, width], interpolation=InterpolationMode(interpolation),
                      antialias=True)
     return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
 
@@ -337,22 +271,35 @@ def _resize_drafted(rgb: np.ndarray, height: int, width: int, scale: int,
 
 def prepare_image(
     data: bytes,
-    geometry: ProcessorGeometry,
+    rule: ResizeRule | ProcessorGeometry,
     *,
-    min_pixels: int,
-    max_pixels: int,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    detail: Detail = "auto",
     fidelity: Fidelity = "exact",
     max_decoded_pixels: int = 100_000_000,
     fast_headroom: float = FAST_MIN_HEADROOM,
 ) -> PreparedPixels:
-    """Decode, orient, convert to RGB and resize to the model's target size.
+    """Decode, orient, convert to RGB, resize and crop as the model's processor would.
 
+    `rule` is the model's resize rule (handlers.resize_rules.rule_from) and `detail` the
+    request's. The older form, a ProcessorGeometry with `min_pixels` and `max_pixels` (which
+    already encode the detail level), is Qwen2-VL's smart_resize within those bounds.
     Blocking; run it in a worker thread: Pillow's decoders and torch's resize release
     the GIL for the heavy loops.
     `fidelity="fast"` decodes big JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling)
-    when that still leaves `fast_headroom` x the target size, then does the same bicubic
-    antialias resize (handlers.config.FAST_MIN_HEADROOM: the quality this buys).
+    when that still leaves `fast_headroom` x the resize target, then does the same bicubic
+    antialias resize (handlers.config.FAST_MIN_HEADROOM: the quality this buys), then the
+    crop. Rules resizing with another filter than bicubic always take the exact path.
     """
+    if isinstance(rule, ProcessorGeometry):
+        if min_pixels is None or max_pixels is None:
+            raise TypeError("prepare_image(geometry) needs min_pixels and max_pixels")
+        rule = SmartResize(ProcessorGeometry(rule.patch_size, rule.merge_size,
+                                             min_pixels, max_pixels))
+        detail = "high"  # high: exactly the bounds given
+    elif min_pixels is not None or max_pixels is not None:
+        raise TypeError("min_pixels/max_pixels go with a ProcessorGeometry, not a ResizeRule")
     img = open_image(data, max_decoded_pixels)
     # Both checks are symmetric in width/height, so they need no EXIF (which, for a PNG,
     # Pillow only reads by decoding the whole image).
@@ -361,9 +308,11 @@ def prepare_image(
     w, h = img.size
     if orientation in _SWAPS_SIDES:
         w, h = h, w
-    th, tw = smart_resize(h, w, geometry.factor, min_pixels, max_pixels)
+    plan = rule.plan(w, h, detail)
+    th, tw = plan.height, plan.width
     scale = 1
-    if fidelity == "fast" and isinstance(img, JpegImagePlugin.JpegImageFile):
+    if (fidelity == "fast" and plan.interpolation == "bicubic"
+            and isinstance(img, JpegImagePlugin.JpegImageFile)):
         # Drafting happens in the file's stored orientation (EXIF rotation comes later).
         sw, sh = img.size
         scale = draft_scale(sw, sh, th if orientation in _SWAPS_SIDES else tw,
@@ -377,16 +326,19 @@ def prepare_image(
     if scale > 1:
         out = _resize_drafted(rgb, th, tw, scale, h, w)
     else:
-        out = _resize_exact(rgb, th, tw)
-    return PreparedPixels(out, source_width=w, source_height=h)
+        out = _resize_exact(rgb, th, tw, plan.interpolation)
+    return PreparedPixels(apply_crop(out, plan.crop), source_width=w, source_height=h)
 
 
-def warm_up(geometry: ProcessorGeometry, fidelity: Fidelity = "exact") -> PreparedPixels:
+def warm_up(rule: ResizeRule | ProcessorGeometry,
+            fidelity: Fidelity = "exact") -> PreparedPixels:
     """Prepare a small synthetic JPEG once, so that the first real image does not pay for
     importing torchvision and starting torch's kernels (~4 s on a 2-core machine)."""
     buf = io.BytesIO()
     gradient = np.linspace(0, 255, 72 * 40 * 3, dtype=np.uint8).reshape(40, 72, 3)
     Image.fromarray(gradient, "RGB").save(buf, "JPEG")
-    # Not on the patch grid, so the resize runs.
-    return prepare_image(buf.getvalue(), geometry, min_pixels=geometry.min_pixels,
-                         max_pixels=geometry.max_pixels, fidelity=fidelity)
+    # Not on the patch grid (nor CLIP's or SigLIP's sizes), so the resize runs.
+    if isinstance(rule, ProcessorGeometry):
+        return prepare_image(buf.getvalue(), rule, min_pixels=rule.min_pixels,
+                             max_pixels=rule.max_pixels, fidelity=fidelity)
+    return prepare_image(buf.getvalue(), rule, fidelity=fidelity)

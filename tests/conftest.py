@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,10 +29,18 @@ from tests.support import (
     MODEL_DIR,
     ROOT,
     IrisApp,
+    write_moderation_head,
 )
 
 LAYOUTS = ("local", "split")
 SPLIT_ENGINE_REPLICAS = 2
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start their own Ray cluster go first, while the session's Ray instance (made
+    on first use, kept to the end) does not exist yet: two on 2 cores starve each other."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)  # stable
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +71,13 @@ def app_configs() -> dict[str, Any]:
         metrics_port=free_port(),
         deployments={"llm": {"max_ongoing_requests": LLM_MAX_ONGOING,
                              "max_queued_requests": LLM_MAX_QUEUED}},
+        moderation={"head": str(write_moderation_head(
+            Path(tempfile.mkdtemp(prefix="iris-test-")) / "head.json"))},
     )
     d = local.deployments
     split = local.model_copy(update={
         "app_name": "iris-split",
+        "encoder": None,  # one encoder engine is enough: the local app serves it
         "deployments": d.model_copy(update={
             "engine_in_ingress": False,
             "llm": d.llm.model_copy(update={"num_replicas": SPLIT_ENGINE_REPLICAS,

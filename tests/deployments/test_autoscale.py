@@ -43,6 +43,7 @@ def run_short_scenario() -> tuple[int, str, float]:
     return proc.returncode, out, time.monotonic() - t0
 
 
+@pytest.mark.own_ray
 @pytest.mark.timeout(BUDGET_S + 120)
 def test_scales_from_zero_to_two_gpu_nodes_and_back_to_zero() -> None:
     if not (MODEL_DIR / "config.json").exists():

@@ -43,10 +43,11 @@ AFTER_READY_S = 5.0
 RAY_DID_NOT_START = "The current node timed out during startup"
 RAY_START_ATTEMPTS = 3
 
-pytestmark = pytest.mark.skipif(
-    not (MODEL_DIR / "config.json").exists(),
-    reason="demo model missing: run `make demo-model`",
-)
+pytestmark = [
+    pytest.mark.skipif(not (MODEL_DIR / "config.json").exists(),
+                       reason="demo model missing: run `make demo-model`"),
+    pytest.mark.own_ray,
+]
 
 
 def _env(**iris: str) -> dict[str, str]:

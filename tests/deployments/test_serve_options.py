@@ -142,3 +142,27 @@ def test_engine_extra_args_go_through_vllms_parser() -> None:
         parse_engine_args(cfg(extra_args={"max_num_batched_tokenz": 64}))
     with pytest.raises(ConfigError, match="max-num-batched-tokens"):
         parse_engine_args(cfg(extra_args={"max_num_batched_tokens": "many"}))
+
+
+def test_scaling_a_deployment_changes_no_replicas_init_arguments() -> None:
+    """Serve restarts every replica whose init arguments change: replicas get the config
+    without the scaling settings, so scaling the preprocessor (or anything) is an in-place
+    update of that deployment alone, not a restart of the engine."""
+    from deployments.app import build_app
+
+    def bound(preprocessors: int, ingress_cpus: float) -> dict[str, tuple[object, ...]]:
+        c = cfg()
+        d = c.deployments.model_copy(update={
+            "preprocessor": c.deployments.preprocessor.model_copy(
+                update={"num_replicas": preprocessors}),
+            "ingress": c.deployments.ingress.model_copy(update={"num_cpus": ingress_cpus})})
+        ingress = build_app(c.model_copy(update={"deployments": d}))._bound_deployment
+        prep = ingress.init_args[1]._bound_deployment
+        llm = ingress.init_args[2]._bound_deployment
+        return {"ingress": ingress.init_args[0], "preprocessor": prep.init_args[0],
+                "llm": llm.init_args[0], "prep_replicas": prep._deployment_config.num_replicas}
+
+    one, two = bound(1, 0.5), bound(2, 1.0)
+    assert (one["prep_replicas"], two["prep_replicas"]) == (1, 2)  # the option changed
+    for name in ("ingress", "preprocessor", "llm"):
+        assert one[name] == two[name]  # the replicas' arguments did not

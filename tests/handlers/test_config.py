@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.config import IrisConfig
+from handlers.config import DeploymentsSettings, IrisConfig
 from handlers.config_load import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 
@@ -151,3 +151,19 @@ def test_direct_ingress_env_puts_the_ingress_on_the_client_port(
     monkeypatch.setenv(DIRECT_INGRESS_FLAG, "1")
     assert http.direct_ingress_active()
     assert not HttpSettings(port=8000).direct_ingress_active()
+
+
+def test_a_deployment_section_keeps_the_defaults_it_does_not_name() -> None:
+    # `fetcher: {num_replicas: 2}` alone must not drop its concurrency to Serve's default (5).
+    cfg = load_config(use_yaml=False, deployments={
+        "fetcher": {"num_replicas": 2},
+        "llm": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}},
+        "preprocessor": {"max_ongoing_requests": None}})
+    d, defaults = cfg.deployments, DeploymentsSettings()
+    assert (d.fetcher.num_replicas, d.fetcher.max_ongoing_requests) == (
+        2, defaults.fetcher.max_ongoing_requests)
+    assert d.fetcher.num_cpus == defaults.fetcher.num_cpus
+    # Autoscaling replaces the default fixed count; an explicit null stays null.
+    assert d.llm.num_replicas is None and d.llm.autoscaling_config == {
+        "min_replicas": 0, "max_replicas": 2}
+    assert d.preprocessor.max_ongoing_requests is None

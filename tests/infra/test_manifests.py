@@ -339,7 +339,8 @@ def test_build_app_from_serve_yaml_args(
     app = build_app(app_cfg["args"])
     assert isinstance(app, Application)
     assert no_network == []
-    assert _same_config(_bound_config(app), _production())
+    # Replicas get production.yaml minus how Serve scales them (applied as options below).
+    assert _same_config(_bound_config(app), _production().for_replicas())
     llm_app = app._bound_deployment.init_args[2]
     assert llm_app._bound_deployment._deployment_config.autoscaling_config.min_replicas == 0
     assert llm_app._bound_deployment.ray_actor_options["num_gpus"] == 1
@@ -351,7 +352,7 @@ def test_build_app_args_alone_give_the_production_config(no_network: list[Any]) 
     (app_cfg,) = _yaml(SERVE_YAML)["applications"]
     cfg = _bound_config(build_app(app_cfg["args"]))
     assert cfg.engine.env == {}, cfg.engine.env
-    assert _same_config(cfg, _production())
+    assert _same_config(cfg, _production().for_replicas())
 
 
 def test_the_pod_monitor_scrapes_a_metrics_port_every_ray_container_declares() -> None:
@@ -367,3 +368,24 @@ def test_the_pod_monitor_scrapes_a_metrics_port_every_ray_container_declares() -
         # KubeRay starts Ray with --metrics-export-port=8080 unless told otherwise.
         assert ports.get(endpoint["port"]) == 8080, group.get("groupName", "head")
         assert "metrics-export-port" not in group.get("rayStartParams", {})
+
+
+def test_every_metric_the_dashboard_plots_is_one_iris_or_vllm_exports() -> None:
+    """A renamed metric would leave a panel silently empty."""
+    import re
+
+    import vllm.v1.metrics.loggers as vllm_loggers
+
+    dashboard = json.loads((INFRA / "grafana" / "iris-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", m)
+            for m in re.findall(r"\bray_(?:iris|vllm)_\w+", exprs)}
+    ours = " ".join(p.read_text() for p in (ROOT / "deployments").glob("*.py"))
+    theirs = Path(vllm_loggers.__file__).read_text()
+    for name in sorted(used):
+        if name.startswith("ray_iris_"):
+            assert f'"{name[len("ray_"):]}' in ours, name
+        else:  # vLLM's "vllm:x" is exported through Ray as ray_vllm_x
+            assert f'"vllm:{name[len("ray_vllm_"):]}"' in theirs, name
+    assert any(n.startswith("ray_vllm_") for n in used) and any(
+        n.startswith("ray_iris_") for n in used)
