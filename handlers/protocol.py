@@ -12,19 +12,41 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from handlers.errors import InvalidRequest
 
-Detail = Literal["auto", "low", "high"]
+# OpenAI's `detail` (the current SDKs add "original": full resolution, within the caps).
+Detail = Literal["auto", "low", "high", "original"]
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Keys OpenAI does not define are ignored, as OpenAI and vLLM do.
+    model_config = ConfigDict(extra="ignore")
     url: str
-    detail: Detail = "auto"
+    detail: Detail | None = "auto"
 
 
 class ImageURLPart(BaseModel):
+    """Chat's image part. (`image_url` may also be the URL itself: ImageURLStringPart.)"""
+
     model_config = ConfigDict(extra="allow")
     type: Literal["image_url"]
     image_url: ImageURL
+
+
+class ImageURLStringPart(BaseModel):
+    """Chat's image part with the URL as `image_url` itself, which vLLM accepts."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url"]
+    image_url: str
+
+
+class InputImagePart(BaseModel):
+    """The Responses API's image part, which clients also send inside chat messages."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Detail | None = "auto"
 
 
 class StreamOptions(BaseModel):
@@ -44,16 +66,11 @@ class ChatEnvelope(BaseModel):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image content part: where it is in the request and what it points at."""
+    """One image of a request: what it points at, and the field that holds it (for errors)."""
 
-    message: int
-    part: int
     url: str
     detail: Detail
-
-    @property
-    def param(self) -> str:
-        return f"messages[{self.message}].content[{self.part}].image_url"
+    param: str  # e.g. messages[0].content[1].image_url
 
 
 KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
@@ -90,7 +107,27 @@ def parse_envelope(body: Any) -> ChatEnvelope:
 # refused: vLLM would fetch the URL of a video_url / audio_url / input_image part itself,
 # around Iris's fetcher and its rules (and it reads media keys on any part with a uuid).
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
-IMAGE_PARTS = frozenset({"image_url"})
+IMAGE_PARTS = frozenset({"image_url", "input_image"})
+
+
+def image_part(part: dict[str, Any], prefix: str) -> tuple[str, Detail]:
+    """(url, detail) of an image part in any of its spellings; names the field on error."""
+    try:
+        if part["type"] == "input_image":
+            img = InputImagePart.model_validate(part)
+            if img.image_url is None:
+                field = "file_id" if img.file_id is not None else "image_url"
+                raise InvalidRequest(
+                    f"{prefix}.{field}: Iris keeps no files; send the image as image_url (a URL "
+                    "or a data: URI).", param=f"{prefix}.{field}")
+            return img.image_url, img.detail or "auto"
+        if isinstance(part.get("image_url"), str):
+            return ImageURLStringPart.model_validate(part).image_url, "auto"
+        p = ImageURLPart.model_validate(part)
+    except ValidationError as exc:
+        msg, param = validation_message(exc, prefix)
+        raise InvalidRequest(msg, param=param) from None
+    return p.image_url.url, p.image_url.detail or "auto"
 
 
 def _text_part(part: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -142,15 +179,11 @@ def extract_images(
             if kind not in IMAGE_PARTS:
                 raise InvalidRequest(
                     f"{prefix}.type {kind!r} is not supported: content parts may be "
-                    f"{', '.join(sorted(TEXT_PARTS))} or image_url.",
+                    f"{', '.join(sorted(TEXT_PARTS))}, image_url or input_image.",
                     param=f"{prefix}.type",
                 )
-            try:
-                p = ImageURLPart.model_validate(part)
-            except ValidationError as exc:
-                msg_, param = validation_message(exc, prefix)
-                raise InvalidRequest(msg_, param=param) from None
-            refs.append(ImageRef(i, j, p.image_url.url, p.image_url.detail))
+            url, detail = image_part(part, prefix)
+            refs.append(ImageRef(url, detail, f"{prefix}.image_url"))
             parts.append({"type": "image_url", "image_url": {"url": ""}})
         out.append({**msg, "content": parts})
     if len(refs) > max_images:
@@ -173,5 +206,5 @@ def model_card(model_id: str, root: str, created: int | None = None) -> dict[str
     }
 
 
-def model_list(model_id: str, root: str, created: int | None = None) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(model_id, root, created)]}
+def model_list(model_ids: list[str], created: int | None = None) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(m, m, created) for m in model_ids]}

@@ -58,25 +58,12 @@ PRETOKENIZE_REGEX = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# Qwen2-VL-Instruct's chat template, verbatim.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# Qwen2.5-VL-Instruct's chat template with Qwen2.5's hermes-style tool calling (the released
+# chat_template.json has vision and no tools, the tokenizer's has tools and no vision):
+# <tools> in the system turn, <tool_call> JSON in the assistant's, <tool_response> from tools.
+# vLLM parses the calls with --tool-call-parser hermes (engine.tool_call_parser). Without
+# tools it renders exactly as Qwen2-VL-Instruct's template did.
+CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2_5_vl_chat.jinja").read_text()
 
 # Image processor: the transformers class defaults (the released Qwen2-VL checkpoints ship
 # max_pixels=12845056; 1280 merged tokens keeps CPU prefill cheap).

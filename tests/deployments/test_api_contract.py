@@ -56,8 +56,11 @@ BAD_INPUTS: list[tuple[str, Any, int, str | None]] = [
      "messages[0].content"),
     ("part-without-type", {"model": MODEL, "messages": msgs({"text": "x"})}, 400,
      "messages[0].content[0]"),
-    ("image-url-as-string", {"model": MODEL, "messages": msgs(
-        {"type": "image_url", "image_url": SMALL_PNG})}, 400, "messages[0].content[0].image_url"),
+    ("image-url-wrong-type", {"model": MODEL, "messages": msgs(
+        {"type": "image_url", "image_url": 5})}, 400, "messages[0].content[0].image_url"),
+    ("input-image-file-id", {"model": MODEL, "messages": msgs(
+        {"type": "input_image", "file_id": "file-1"})}, 400,
+     "messages[0].content[0].file_id"),
     ("image-url-missing-url", {"model": MODEL, "messages": msgs(
         {"type": "image_url", "image_url": {}})}, 400, "messages[0].content[0].image_url"),
     ("bad-detail", {"model": MODEL, "messages": msgs(img(SMALL_PNG, detail="ultra"))}, 400,
@@ -85,6 +88,8 @@ BAD_INPUTS: list[tuple[str, Any, int, str | None]] = [
     ("n-zero", good_body(n=0), 400, None),
     ("bad-response-format", good_body(response_format={"type": "xml"}), 400, None),
     ("stream-wrong-type", good_body(stream="yes please"), 400, "stream"),
+    ("stream-options-without-stream", good_body(stream_options={"include_usage": True}), 400,
+     "stream_options"),
     ("top-logprobs-too-high", good_body(logprobs=True, top_logprobs=1000), 400, None),
 ]
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import openai
 import pytest
 
 from handlers.imaging import ProcessorGeometry, smart_resize
 from tests.images import data_uri, encode, pattern
-from tests.support import API_KEY, MODEL, greedy, image_msg, top_logprobs
+from tests.support import API_KEY, MODEL, greedy, image_msg, served_models, top_logprobs
 
 GEO = ProcessorGeometry(min_pixels=3136, max_pixels=1003520)
 
@@ -38,10 +40,10 @@ def sources(png: bytes, image_server, s3) -> dict[str, str]:
 
 
 
-def test_health_and_models(iris: str) -> None:
+def test_health_and_models(iris: str, iris_config: Any) -> None:
     assert httpx.get(iris.removesuffix("/v1") + "/health").status_code == 200
     models = openai.OpenAI(base_url=iris, api_key=API_KEY).models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == served_models(iris_config)
 
 
 @pytest.mark.parametrize("scheme", ["data", "http", "s3"])

@@ -7,15 +7,16 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import API_KEY, MODEL, SMALL_PNG
+from tests.support import API_KEY, MODEL, SMALL_PNG, served_models
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "node"
 
 
-def test_openai_npm_client(iris: str) -> None:
+def test_openai_npm_client(iris: str, iris_config: Any) -> None:
     node = shutil.which("node")
     if node is None or not (NODE_DIR / "node_modules" / "openai").exists():
         pytest.fail("node and tests/node/node_modules are needed: run `make setup`")
@@ -26,6 +27,7 @@ def test_openai_npm_client(iris: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == "ok" and result["stream_chunks"] >= 2
+    assert result["models"] == served_models(iris_config)
 
 
 def test_langchain_chat_openai_with_image(iris: str) -> None:

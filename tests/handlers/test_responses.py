@@ -91,8 +91,10 @@ def test_messages_with_images_reach_the_chat_parser_with_their_detail() -> None:
     # The chat path's own parser accepts every image, with a detail it knows.
     _, refs = extract_images(msgs, max_images=8)
     original = "original" if "original" in get_args(Detail) else "high"
-    assert [(r.message, r.part, r.url, r.detail) for r in refs] == [
-        (1, 1, "https://example.com/a.png", original), (1, 2, PNG, "auto"), (1, 3, PNG, "low")]
+    assert [(r.param, r.url, r.detail) for r in refs] == [
+        ("messages[1].content[1].image_url", "https://example.com/a.png", original),
+        ("messages[1].content[2].image_url", PNG, "auto"),
+        ("messages[1].content[3].image_url", PNG, "low")]
 
 
 @pytest.mark.parametrize(("fmt", "expected"), [
