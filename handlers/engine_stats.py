@@ -13,11 +13,13 @@ def stat_loggers(export: bool) -> tuple[Any, list[Any]]:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class CacheTotals(StatLoggerBase):
-        """Prefix-cache tokens queried/hit and multimodal-cache items queried/hit, summed."""
+        """Prefix-cache tokens queried/hit, multimodal-cache items queried/hit and requests
+        finished, summed."""
 
         def __init__(self, vllm_config: Any = None, engine_index: int = 0) -> None:
             self.prefix_queries = self.prefix_hits = 0
             self.mm_queries = self.mm_hits = 0
+            self.finished = 0
 
         def record(self, scheduler_stats: Any, iteration_stats: Any,
                    mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
@@ -25,6 +27,8 @@ def stat_loggers(export: bool) -> tuple[Any, list[Any]]:
                 prefix = scheduler_stats.prefix_cache_stats
                 self.prefix_queries += prefix.queries
                 self.prefix_hits += prefix.hits
+            if iteration_stats is not None:
+                self.finished += len(iteration_stats.finished_requests)
             if mm_cache_stats is not None:
                 self.mm_queries += mm_cache_stats.queries
                 self.mm_hits += mm_cache_stats.hits
@@ -35,7 +39,8 @@ def stat_loggers(export: bool) -> tuple[Any, list[Any]]:
         def as_dict(self) -> dict[str, int]:
             return {"prefix_cache_queries": self.prefix_queries,
                     "prefix_cache_hits": self.prefix_hits,
-                    "mm_cache_queries": self.mm_queries, "mm_cache_hits": self.mm_hits}
+                    "mm_cache_queries": self.mm_queries, "mm_cache_hits": self.mm_hits,
+                    "requests_finished": self.finished}
 
     totals = CacheTotals()
     loggers: list[Any] = [lambda vllm_config, engine_index: totals]

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import ray
 from ray.serve._private.common import DeploymentHandleSource, ReplicaID, RequestMetadata
 from ray.serve._private.test_utils import FAKE_REPLICA_DEPLOYMENT_ID as DEPLOYMENT
 from ray.serve._private.test_utils import FakeRunningReplica
@@ -102,7 +101,8 @@ def test_score_is_a_stable_hash_not_pythons_salted_hash() -> None:
         assert rendezvous_order(key, rids) == by_score == rendezvous_order(key, rids[::-1])
 
 
-def test_affinity_key_is_read_defensively() -> None:
+async def test_affinity_key_is_read_defensively() -> None:
+    # async: Serve's PendingRequest makes an asyncio future, which needs a running loop.
     assert affinity_key_of(request("k")) == "k"
     assert affinity_key_of(request("k", as_dict=True)) == "k"
     assert affinity_key_of(request(None)) is None
@@ -400,6 +400,3 @@ def test_request_router_config_pickles_the_module_by_value(monkeypatch: pytest.M
     router.initialize_state(**restored.request_router_kwargs)
     assert router.imbalance_margin == 4
 
-
-def test_ray_was_not_started() -> None:
-    assert not ray.is_initialized()
