@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 MODEL_DIR := .models/demo-vlm
+CLIP_DIR := .models/demo-clip
 export UV_PYTHON := 3.11
 
 .PHONY: setup demo-model serve test lint fmt clean
@@ -19,12 +20,16 @@ $(VENV)/.iris-synced: pyproject.toml uv.lock tests/node/package-lock.json
 	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 	@touch $@
 
-demo-model: setup $(MODEL_DIR)/.complete
+demo-model: setup $(MODEL_DIR)/.complete $(CLIP_DIR)/.complete
 
-$(MODEL_DIR)/.complete: scripts/make_demo_model.py
+$(MODEL_DIR)/.complete: scripts/make_demo_model.py scripts/templates/qwen2_5_vl_chat.jinja
 	@echo ">> generating the tiny random-weight demo VLM into $(MODEL_DIR)"
-	$(PY) scripts/make_demo_model.py --out $(MODEL_DIR)
+	$(PY) scripts/make_demo_model.py --out $(MODEL_DIR) --force
 	@touch $@
+
+$(CLIP_DIR)/.complete: scripts/make_demo_clip.py
+	@echo ">> generating the tiny random-weight demo CLIP encoder into $(CLIP_DIR)"
+	$(PY) scripts/make_demo_clip.py --out $(CLIP_DIR) --force
 
 serve: setup demo-model
 	$(PY) -m deployments.run

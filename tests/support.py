@@ -21,6 +21,13 @@ from tests.images import data_uri, encode, pattern
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".models" / "demo-vlm"
 MODEL = "demo-vlm"
+CLIP_DIR = ROOT / ".models" / "demo-clip"
+ENCODER = "demo-clip"  # the local layout also serves this encoder (embeddings, moderations)
+
+
+def served_models(config: Any) -> list[str]:
+    """What /v1/models lists for an app with this IrisConfig: the chat model, then the encoder."""
+    return [config.model.id, *([config.encoder.id] if config.encoder else [])]
 # vLLM on CPU: a small, fixed KV cache so several engines fit in this machine's RAM.
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 API_KEYS = ["iris-test-key", "iris-second-key"]
@@ -132,3 +139,16 @@ def engine_stats(app_name: str, engine_deployment: str) -> list[dict[str, Any]]:
 
 def engine_unfinished(app_name: str, engine_deployment: str) -> int:
     return sum(int(s["unfinished_requests"]) for s in engine_stats(app_name, engine_deployment))
+
+
+# A linear moderation head over the demo encoder's 64-d embeddings for one text category,
+# so the session app exercises the head path next to zero-shot scoring.
+HEAD_CATEGORY = "illicit"
+HEAD_WEIGHT = [4.0] + [0.0] * 63
+HEAD_BIAS = -0.5
+
+
+def write_moderation_head(path: Path) -> Path:
+    path.write_text(json.dumps({"dim": 64, "categories": {
+        HEAD_CATEGORY: {"weight": HEAD_WEIGHT, "bias": HEAD_BIAS}}}))
+    return path

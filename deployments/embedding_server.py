@@ -1,0 +1,88 @@
+"""EmbeddingServer: the image-text encoder (CLIP, SigLIP) on vLLM's pooling runner, one engine
+per replica, kept alive like the chat engine (deployments.supervisor), answering with vLLM's
+own embedding code (handlers.encoder)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+
+from deployments.contract import PreparedImage
+from deployments.engine_host import pixels
+from deployments.logs import keep_serve_log_handlers, quiet_client_errors
+from deployments.supervisor import Supervisor
+from handlers.config import EncoderSettings, IrisConfig
+from handlers.encoder import Text, VllmEncoder, read_logit_scale
+from handlers.errors import EngineUnavailable
+
+
+@dataclass(frozen=True)
+class EmbedBatch:
+    """The items of one request, each a text (or token ids) or an image; answered in order."""
+
+    items: list[Text | PreparedImage] = field(default_factory=list)
+    dimensions: int | None = None
+
+
+async def start_encoder(enc: EncoderSettings) -> VllmEncoder:
+    os.environ.update(enc.env)
+    with keep_serve_log_handlers():
+        encoder = await VllmEncoder.start(enc)
+    quiet_client_errors()
+    return encoder
+
+
+@serve.deployment(name="EmbeddingServer")
+class EmbeddingServer:
+    async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+        assert config.encoder is not None
+        enc, e = config.encoder, config.engine
+        self._logit_scale = read_logit_scale(enc.source)
+        self._encoder = Supervisor(await start_encoder(enc), lambda: start_encoder(enc),
+                                   stall_timeout_s=e.stall_timeout_s,
+                                   restart_attempts=e.restart_attempts)
+        self._encoder.watch()
+
+    async def embed(self, batch: EmbedBatch) -> tuple[list[list[float]], int]:
+        """(one vector per item, in order; prompt tokens). Texts go in one engine request,
+        images in another, at once."""
+        encoder = self._encoder.serving()
+        texts = [(i, x) for i, x in enumerate(batch.items) if not isinstance(x, PreparedImage)]
+        images = [(i, x) for i, x in enumerate(batch.items) if isinstance(x, PreparedImage)]
+        try:
+            (text_vectors, text_tokens), (image_vectors, image_tokens) = await asyncio.gather(
+                encoder.embed_texts([t for _, t in texts], batch.dimensions),
+                encoder.embed_images(await pixels([img for _, img in images]),
+                                     batch.dimensions))
+        except EngineUnavailable:
+            self._encoder.died(encoder)
+            raise
+        self._encoder.progressed()
+        out: list[list[float]] = [[] for _ in batch.items]
+        for (i, _), vector in zip([*texts, *images], [*text_vectors, *image_vectors],
+                                  strict=True):
+            out[i] = vector
+        return out, text_tokens + image_tokens
+
+    async def logit_scale(self) -> float | None:
+        """CLIP's learned temperature from the checkpoint (moderation's calibration)."""
+        return self._logit_scale
+
+    async def check_health(self) -> None:
+        await self._encoder.check_health()
+
+    async def ready(self) -> None:
+        if not self._encoder.ready():
+            raise EngineUnavailable.restarting()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        engine = self._encoder.engine
+        return {"unfinished_requests": engine.num_unfinished(), "engine_pids": engine.pids(),
+                "engine_state": self._encoder.state, "engine_restarts": self._encoder.restarts}
+
+    async def __del__(self) -> None:
+        await self._encoder.shutdown()

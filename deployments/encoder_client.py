@@ -1,0 +1,114 @@
+"""The ingress's side of /v1/embeddings and /v1/moderations: images prepared for the encoder
+(its own resize rule) by the same fetcher and preprocessor as chat, items sent to the
+EmbeddingServer deployment, answers built in OpenAI's shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from deployments.contract import PreparedImage
+from deployments.embedding_server import EmbedBatch
+from deployments.images import ImagePreparer
+from deployments.ray_errors import client_error
+from handlers.config import IrisConfig
+from handlers.embeddings import embedding_response, parse_embedding_request
+from handlers.encoder import Text
+from handlers.errors import InvalidRequest, ModelNotFound, PixelsLost
+from handlers.moderation import (
+    Scorer,
+    load_head,
+    logit_scale,
+    moderation_response,
+    new_moderation_id,
+    parse_moderation_request,
+    prompt_texts,
+)
+from handlers.protocol import ImageRef
+
+OPENAI_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")
+
+
+class EncoderClient:
+    def __init__(self, config: IrisConfig, encoder: DeploymentHandle, images: ImagePreparer
+                 ) -> None:
+        assert config.encoder is not None
+        self._cfg = config
+        self.model_id = config.encoder.id
+        self._encoder = encoder
+        self._images = images
+        self._scorer: Scorer | None = None
+
+    def _check_model(self, model: str | None, *, moderation: bool = False) -> None:
+        # Clients written for OpenAI name its moderation models: they mean this encoder.
+        if moderation and (model is None or model.startswith(OPENAI_MODERATION_MODELS)):
+            return
+        if model != self.model_id:
+            raise ModelNotFound(f"The model {model!r} does not exist.", param="model")
+
+    async def _embed(self, items: list[Text | ImageRef], dimensions: int | None,
+                     deadline: float) -> tuple[list[list[float]], int]:
+        """Vectors in item order. Images are prepared for the encoder first; if their pixels
+        were lost before the engine read them, they are prepared again, once."""
+        refs = [x for x in items if isinstance(x, ImageRef)]
+        for attempt in (1, 2):
+            prepared = iter(await self._images.prepare_all(
+                refs, deadline, reuse=attempt == 1, target="encoder"))
+            batch: list[Text | PreparedImage] = [
+                next(prepared) if isinstance(x, ImageRef) else x for x in items]
+            try:
+                result: tuple[list[list[float]], int] = await self._encoder.embed.remote(
+                    EmbedBatch(batch, dimensions))
+                return result
+            except Exception as exc:
+                err = client_error(exc)
+                if not isinstance(err, PixelsLost) or attempt == 2:
+                    raise err from None
+                self._images.forget(err.uuids)
+        raise AssertionError("unreachable")
+
+    async def embeddings(self, body: Any, deadline: float) -> dict[str, Any]:
+        req = parse_embedding_request(body, self._cfg.limits.max_embedding_inputs)
+        self._check_model(req.model)
+        if len(req.images) > self._cfg.limits.max_images_per_request:
+            raise InvalidRequest(
+                f"The request has {len(req.images)} images; at most "
+                f"{self._cfg.limits.max_images_per_request} are allowed.", param="input",
+                code="too_many_images")
+        items: list[Text | ImageRef] = []
+        for item in req.items:
+            if item.kind == "image":
+                assert item.url is not None
+                items.append(ImageRef(item.url, item.detail or "auto", item.param))
+            elif item.kind == "tokens":
+                items.append(list(item.tokens or ()))
+            else:
+                items.append(item.text or "")
+        vectors, tokens = await self._embed(items, req.dimensions, deadline)
+        return embedding_response(vectors, self.model_id, tokens, req.encoding_format)
+
+    async def moderations(self, body: Any, deadline: float) -> dict[str, Any]:
+        req = parse_moderation_request(body, self._cfg.limits.max_embedding_inputs)
+        self._check_model(req.model, moderation=True)
+        scorer = await self._moderation_scorer(deadline)
+        parts = [p for inp in req.inputs for p in inp.parts]
+        items: list[Text | ImageRef] = [
+            ImageRef(p.url or "", p.detail or "auto", p.param) if p.kind == "image"
+            else p.text or "" for p in parts]
+        vectors, _ = await self._embed(items, None, deadline)
+        by_part = iter(zip(parts, vectors, strict=True))
+        results = [scorer.moderate([(p.kind, v) for p, v in
+                                    (next(by_part) for _ in inp.parts)]) for inp in req.inputs]
+        return moderation_response(results, self.model_id, new_moderation_id())
+
+    async def _moderation_scorer(self, deadline: float) -> Scorer:
+        """The category prompts' embeddings, made once (on the first moderation request)."""
+        if self._scorer is None:
+            settings = self._cfg.moderation
+            texts = prompt_texts(settings)
+            vectors, _ = await self._embed(list(texts), None, deadline)
+            scale = logit_scale(settings, await self._encoder.logit_scale.remote())
+            head = load_head(settings.head, len(vectors[0])) if settings.head else None
+            self._scorer = Scorer(settings, dict(zip(texts, vectors, strict=True)), scale, head)
+        return self._scorer
