@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -42,10 +42,13 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def make_llm_config(model: str, model_id: str, *, max_model_len: int = 4096,
-                    max_num_seqs: int = 16) -> LLMConfig:
-    """The LLMConfig for one CPU replica of `model` (a local directory) served as `model_id`."""
+                    max_num_seqs: int = 16, engine_stats: bool = True) -> LLMConfig:
+    """The LLMConfig for one CPU replica of `model` (a local directory) served as `model_id`.
+    engine_stats: vLLM's statistics on and exported through Ray's metrics (ray_vllm_*), as
+    Iris runs its engine; off: --disable-log-stats."""
     from ray.serve.llm import LLMConfig
 
+    stats: dict[str, bool] = {} if engine_stats else {"disable_log_stats": True}
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model},
         engine_kwargs={
@@ -54,10 +57,11 @@ def make_llm_config(model: str, model_id: str, *, max_model_len: int = 4096,
             "enforce_eager": True,
             "max_num_seqs": max_num_seqs,
             "limit_mm_per_prompt": {"image": 8},
-            # Same as the vLLM peer's --disable-log-stats (requires log_engine_metrics off).
-            "disable_log_stats": True,
+            # usage.prompt_tokens_details.cached_tokens, as Iris and the vLLM peer report it.
+            "enable_prompt_tokens_details": True,
+            **stats,
         },
-        log_engine_metrics=False,
+        log_engine_metrics=engine_stats,
         # CPU only: no GPU resource anywhere, vLLM's "mp" executor (see module docstring).
         accelerator_config={"kind": "cpu"},
         placement_group_config={"bundles": [{"CPU": 1}], "strategy": "PACK"},
@@ -85,16 +89,18 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
     return False
 
 
-def start_ray(num_cpus: int, attempts: int = 3) -> None:
+def start_ray(num_cpus: int, attempts: int = 3, metrics_port: int | None = None) -> None:
     """Start a private local Ray instance, retrying: Ray waits a hard-coded 30 s for the raylet
     to register with the GCS, which a busy 2-core machine sometimes misses."""
     import ray
 
+    # Ray picks a random port for its metrics agent unless told one.
+    extra: dict[str, Any] = {"_metrics_export_port": metrics_port} if metrics_port else {}
     for attempt in range(1, attempts + 1):
         try:
             # address="local": always a new instance, never one found via RAY_ADDRESS or
             # /tmp/ray/ray_current_cluster (other Ray clusters may run on this machine).
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **extra)
             return
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == attempts:
@@ -114,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--ready-timeout", type=float, default=1200.0, help="seconds")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of Ray's metrics agent (/metrics), where the engine's vLLM "
+                   "statistics are exported (default: a random port)")
+    p.add_argument("--no-engine-stats", dest="engine_stats", action="store_false",
+                   help="vLLM's statistics off (--disable-log-stats)")
     args = p.parse_args(argv)
 
     for k, v in ENGINE_ENV.items():
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     try:
-        start_ray(args.num_cpus)
+        start_ray(args.num_cpus, metrics_port=args.metrics_port)
         # ray.init installs Ray's own C-level SIGTERM handler in the driver (dump a stack
         # trace, then die), which would skip the shutdown below and orphan Ray's agents.
         install_handlers()
@@ -147,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         app = build_openai_app({
             "llm_configs": [make_llm_config(
                 str(Path(args.model).resolve()), args.model_id,
-                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)],
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                engine_stats=args.engine_stats)],
             # One ingress replica (the default autoscales it), as for the other servers.
             "ingress_deployment_config": {"num_replicas": 1},
         })
