@@ -10,7 +10,6 @@ it: a reused uuid would return another image's embedding)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from argparse import Namespace
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from handlers.config import EncoderSettings
-from handlers.engine import extra_cli_args, parse_vllm_args, refuse_engine_fetches
+from handlers.engine import InProcessEngine, extra_cli_args, parse_vllm_args, start_async_llm
 from handlers.errors import InvalidRequest, error_from_openai_payload, to_error
 
 Text = str | list[int]  # a string, or token ids
@@ -61,50 +60,18 @@ def read_logit_scale(source: str) -> float | None:
         return float(math.exp(float(f.get_tensor("logit_scale"))))
 
 
-class VllmEncoder:
+class VllmEncoder(InProcessEngine):
     """An in-process vLLM AsyncLLM on the pooling runner plus vLLM's ServingEmbedding."""
 
     def __init__(self, engine: Any, serving: Any, model_id: str) -> None:
-        self._engine = engine
+        super().__init__(engine)
         self._serving = serving
         self._model = model_id
 
     @classmethod
     async def start(cls, enc: EncoderSettings) -> VllmEncoder:
-        from starlette.datastructures import State
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        refuse_engine_fetches()
-        args = parse_encoder_args(enc)
-        config = await asyncio.to_thread(AsyncEngineArgs.from_cli_args(args).create_engine_config,
-                                         usage_context=UsageContext.OPENAI_API_SERVER)
-        # In a thread: the engine start blocks for its whole length (see VllmChatEngine).
-        engine = await asyncio.to_thread(
-            AsyncLLM.from_vllm_config, config, usage_context=UsageContext.OPENAI_API_SERVER,
-            enable_log_requests=False, disable_log_stats=True)
-        state = State()
-        await init_app_state(engine, state, args, await engine.get_supported_tasks())
+        engine, state = await start_async_llm(parse_encoder_args(enc))
         return cls(engine, state.serving_embedding, enc.id)
-
-    @property
-    def errored(self) -> bool:
-        return bool(self._engine.errored)
-
-    async def check_health(self) -> None:
-        await self._engine.check_health()
-
-    def pids(self) -> list[int]:
-        manager = getattr(self._engine.engine_core.resources, "engine_manager", None)
-        return [p.pid for p in getattr(manager, "processes", []) if p.pid is not None]
-
-    def num_unfinished(self) -> int:
-        return int(self._engine.get_num_unfinished_requests())
-
-    def shutdown(self) -> None:
-        self._engine.shutdown()
 
     async def embed_texts(self, texts: Sequence[Text], dimensions: int | None
                           ) -> tuple[list[list[float]], int]:

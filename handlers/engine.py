@@ -162,43 +162,39 @@ def attach_images(
     return out
 
 
-class VllmChatEngine:
-    """An in-process vLLM AsyncLLM plus vLLM's OpenAIServingChat."""
+async def start_async_llm(args: Namespace, stat_loggers: Any = None) -> tuple[Any, Any]:
+    """An in-process vLLM AsyncLLM from parsed CLI args, and vLLM's own serving objects for
+    it (init_app_state's State: chat, embeddings, ... as the model supports)."""
+    from starlette.datastructures import State
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
 
-    def __init__(self, engine: Any, serving_chat: Any, cache_totals: Any = None) -> None:
+    refuse_engine_fetches()
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    vllm_config = await asyncio.to_thread(
+        engine_args.create_engine_config, usage_context=UsageContext.OPENAI_API_SERVER)
+    # In a thread: it blocks for the whole engine start (spawning and loading), and the
+    # event loop must keep answering meanwhile (503s while an engine restarts).
+    engine = await asyncio.to_thread(
+        AsyncLLM.from_vllm_config,
+        vllm_config,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        enable_log_requests=False,
+        disable_log_stats=True,  # no periodic log lines; stat_loggers still run
+        stat_loggers=stat_loggers,
+    )
+    state = State()
+    await init_app_state(engine, state, args, await engine.get_supported_tasks())
+    return engine, state
+
+
+class InProcessEngine:
+    """What the supervisor needs of an in-process AsyncLLM, chat or pooling."""
+
+    def __init__(self, engine: Any) -> None:
         self._engine = engine
-        self._chat = serving_chat
-        self._totals = cache_totals
-
-    @classmethod
-    async def start(cls, cfg: IrisConfig) -> VllmChatEngine:
-        from starlette.datastructures import State
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        from handlers.engine_stats import stat_loggers
-
-        refuse_engine_fetches()
-        args = parse_engine_args(cfg)
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = await asyncio.to_thread(
-            engine_args.create_engine_config, usage_context=UsageContext.OPENAI_API_SERVER)
-        totals, loggers = stat_loggers(cfg.engine.metrics)
-        # In a thread: it blocks for the whole engine start (spawning and loading), and the
-        # event loop must keep answering meanwhile (503s while an engine restarts).
-        engine = await asyncio.to_thread(
-            AsyncLLM.from_vllm_config,
-            vllm_config,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            enable_log_requests=False,
-            disable_log_stats=True,  # no periodic log lines; the loggers below still run
-            stat_loggers=loggers,
-        )
-        state = State()
-        await init_app_state(engine, state, args, await engine.get_supported_tasks())
-        return cls(engine, state.openai_serving_chat, totals)
 
     @property
     def errored(self) -> bool:
@@ -217,11 +213,28 @@ class VllmChatEngine:
         manager = getattr(self._engine.engine_core.resources, "engine_manager", None)
         return [p.pid for p in getattr(manager, "processes", []) if p.pid is not None]
 
-    def cache_stats(self) -> dict[str, int]:
-        return self._totals.as_dict() if self._totals is not None else {}
-
     def shutdown(self) -> None:
         self._engine.shutdown()
+
+
+class VllmChatEngine(InProcessEngine):
+    """An in-process vLLM AsyncLLM plus vLLM's OpenAIServingChat."""
+
+    def __init__(self, engine: Any, serving_chat: Any, cache_totals: Any = None) -> None:
+        super().__init__(engine)
+        self._chat = serving_chat
+        self._totals = cache_totals
+
+    @classmethod
+    async def start(cls, cfg: IrisConfig) -> VllmChatEngine:
+        from handlers.engine_stats import stat_loggers
+
+        totals, loggers = stat_loggers(cfg.engine.metrics)
+        engine, state = await start_async_llm(parse_engine_args(cfg), loggers)
+        return cls(engine, state.openai_serving_chat, totals)
+
+    def cache_stats(self) -> dict[str, int]:
+        return self._totals.as_dict() if self._totals is not None else {}
 
     async def chat(
         self, body: dict[str, Any], images: Sequence[tuple[np.ndarray, str]]
