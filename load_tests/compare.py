@@ -3,7 +3,7 @@
 Starts each server in turn (never two at once), runs the same workloads against each, and
 writes a Markdown table and PNG plots under the results folder.
 
-    .venv/bin/python -m load_tests.compare [--targets vllm,rayllm,iris] [--requests 40]
+    .venv/bin/python -m load_tests.compare [--targets vllm,vllm-pooling,rayllm,iris] [--requests 40]
         [--concurrency 4] [--max-tokens 8] [--iris-env IRIS_IMAGING__FIDELITY=fast]
         [--iris-variant proxy:IRIS_HTTP__DIRECT_INGRESS=false] [--rounds 3] [--interleave]
         [--workloads fresh-small,fresh-12mp,chat-4turns] [--cache-metrics chat-4turns]
@@ -15,6 +15,8 @@ Workloads (--workloads picks some, in this order; the realistic ones first):
                    JPEG, each turn re-sends the whole history (the streamed answers, then a
                    new question); c=4 is four conversations at once; requests count turns
   fresh-small-c1, fresh-12mp-c1   the same at c=1
+  embed-fresh      a distinct 640x480 JPEG per /v1/embeddings request to the encoder
+                   (demo-clip), against vLLM's own pooling server (target vllm-pooling)
   same-small, same-12mp, same-small-c1, same-12mp-c1   the same image on every request
                    (cache-friendly: what servers that cache images are best at)
 Every distinct image is distinct in the whole run (warm-ups, servers and rounds included), and
@@ -62,6 +64,8 @@ from tests.servers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".models" / "demo-vlm"
 MODEL_ID = "demo-vlm"
+ENCODER_DIR = ROOT / ".models" / "demo-clip"
+ENCODER_ID = "demo-clip"
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 NO_STATS = ("engine statistics off (--no-engine-stats): the peer runs with "
             "--disable-log-stats, so its engine keeps no cache counters")
@@ -155,6 +159,29 @@ def vllm_server(port: int, engine_stats: bool = True) -> Server:
     return Server("vllm", cmd, port, metrics_url=f"http://127.0.0.1:{port}/metrics")
 
 
+def vllm_pooling_server(port: int) -> Server:
+    """vLLM's own server on the encoder (pooling runner): the embeddings workloads' peer."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(ENCODER_DIR), "--served-model-name", ENCODER_ID, "--runner", "pooling",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", "67108864"]
+    return Server("vllm-pooling", cmd, port, metrics_url=f"http://127.0.0.1:{port}/metrics")
+
+
+def serves(target: str, w: Workload) -> bool:
+    """Iris serves every workload; vLLM's chat server and Ray Serve LLM the chat ones; vLLM's
+    pooling server the embeddings ones."""
+    if target == "vllm-pooling":
+        return w.route == "embeddings"
+    if target in ("vllm", "rayllm"):
+        return w.route == "chat"
+    return True
+
+
+def model_of(w: Workload) -> str:
+    return ENCODER_ID if w.route == "embeddings" else MODEL_ID
+
+
 def rayllm_server(port: int, engine_stats: bool = True) -> Server:
     cmd = [sys.executable, "-m", "load_tests.peers.rayllm_app", "--model", str(MODEL_DIR),
            "--model-id", MODEL_ID, "--port", str(port)]
@@ -171,6 +198,7 @@ def servers(targets: list[str], iris_env: dict[str, str],
     made: dict[str, Callable[[int], Server]] = {
         "vllm": functools.partial(vllm_server, engine_stats=engine_stats),
         "rayllm": functools.partial(rayllm_server, engine_stats=engine_stats),
+        "vllm-pooling": vllm_pooling_server,
     }
     # Iris, and each variant of it: the same server with more settings on top.
     for name, env in {"iris": {}, **(variants or {})}.items():
@@ -182,13 +210,15 @@ SMALL, LARGE, CHAT = (640, 480), (4000, 3000), (1280, 960)
 # In the order they run and are reported: distinct images and conversations first; the
 # same-image ones (which a server with an image cache wins easily) last.
 WORKLOADS = ("fresh-small", "fresh-12mp", "chat-4turns", "fresh-small-c1", "fresh-12mp-c1",
-             "same-small", "same-12mp", "same-small-c1", "same-12mp-c1")
+             "embed-fresh", "same-small", "same-12mp", "same-small-c1", "same-12mp-c1")
 DESCRIPTIONS = {
     "fresh": "a distinct {w}x{h} photo-like JPEG (q90) on every request",
     "chat": "conversations of {turns} turns, the first user message holding a distinct {w}x{h} "
             "JPEG, each turn re-sending the whole history (the streamed answers and a new "
             "question); concurrency counts conversations, requests count turns",
     "same": "the same {w}x{h} JPEG (q90) on every request",
+    "embed": "a distinct {w}x{h} photo-like JPEG (q90) per /v1/embeddings request, to the "
+             "encoder (vLLM's pooling server takes it as chat-style `messages`)",
 }
 
 
@@ -218,7 +248,10 @@ def workloads(requests: int, concurrency: int, max_tokens: int,
     for name in (n for n in WORKLOADS if n in wanted):
         conc, n = (1, c1) if name.endswith("-c1") else (concurrency, requests)
         size = SMALL if "-small" in name else LARGE
-        if name.startswith("chat"):
+        if name.startswith("embed"):
+            out.append(Workload(name, concurrency=conc, requests=n, size=SMALL,
+                                route="embeddings"))
+        elif name.startswith("chat"):
             out.append(Workload(name, concurrency=conc, requests=n, max_tokens=max_tokens,
                                 size=CHAT, turns=4))
         elif name.startswith("fresh"):
@@ -408,7 +441,9 @@ def markdown(results: list[Result], targets: list[str], labels: dict[str, str] |
              caches: list[dict[str, Any]] | None = None) -> str:
     by = combined(results, caches)
     names = list(dict.fromkeys(r.workload for r in results))
-    lines = ["| workload | " + " | ".join(targets) + " | iris / vllm req/s |",
+    peers = {r.workload: "vllm-pooling" if r.workload.startswith("embed") else "vllm"
+             for r in results}
+    lines = ["| workload | " + " | ".join(targets) + " | iris / peer req/s |",
              "|---|" + "---|" * (len(targets) + 1)]
     for w in names:
         cells = []
@@ -428,9 +463,9 @@ def markdown(results: list[Result], targets: list[str], labels: dict[str, str] |
                          f"hits {pct_text(s['prefix_cache_hit_pct'])}, mm-cache hits "
                          f"{pct_text(s['mm_cache_hit_pct'])}")
             cells.append(cell + (f", {s['errors']} errors" if s["errors"] else ""))
-        ratio = ""
-        if (w, "iris") in by and (w, "vllm") in by and by[(w, "vllm")]["req_per_s"]:
-            ratio = f"{by[(w, 'iris')]['req_per_s'] / by[(w, 'vllm')]['req_per_s']:.2f}x"
+        ratio, other = "", peers[w]
+        if (w, "iris") in by and (w, other) in by and by[(w, other)]["req_per_s"]:
+            ratio = f"{by[(w, 'iris')]['req_per_s'] / by[(w, other)]['req_per_s']:.2f}x"
         lines.append(f"| {(labels or {}).get(w, w)} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -505,10 +540,12 @@ def plot(results: list[Result], targets: list[str], out: Path) -> list[Path]:
 def measure(bench: Bench, server: Server, loads: list[Workload], round_: int) -> None:
     """For each workload: make its images and bodies, warm up (on images of its own), then
     run it once against a ready server, with its CPU and, if asked, the engine's caches."""
-    for w in loads:
+    for w in (w for w in loads if serves(server.name, w)):
         t0 = time.perf_counter()
-        warm_plan = make_plan(MODEL_ID, w, bench.images, bench.warmup) if bench.warmup else None
-        plan = make_plan(MODEL_ID, w, bench.images)
+        model, messages = model_of(w), server.name == "vllm-pooling"
+        warm_plan = (make_plan(model, w, bench.images, bench.warmup, messages)
+                     if bench.warmup else None)
+        plan = make_plan(model, w, bench.images, messages=messages)
         made = time.perf_counter() - t0
         bench.generation_s += made
         print(f">> [{server.name}] {w.name}: {plan.requests} requests "
@@ -518,7 +555,7 @@ def measure(bench: Bench, server: Server, loads: list[Workload], round_: int) ->
         page = scrape(url) if url else (server.no_metrics or "no metrics page known")
         warm_ok = 0
         if warm_plan is not None:
-            warm = asyncio.run(run_workload(server.base_url, MODEL_ID, w, server.name,
+            warm = asyncio.run(run_workload(server.base_url, model, w, server.name,
                                             plan=warm_plan))
             warm_ok = warm.ok
         del warm_plan
@@ -528,7 +565,7 @@ def measure(bench: Bench, server: Server, loads: list[Workload], round_: int) ->
         assert server.proc is not None
         meter = CpuMeter(server.proc.pid)
         cpu_before = meter.snapshot()
-        r = asyncio.run(run_workload(server.base_url, MODEL_ID, w, server.name, plan=plan))
+        r = asyncio.run(run_workload(server.base_url, model, w, server.name, plan=plan))
         used = CpuMeter.per_request_ms(cpu_before, meter.snapshot(), plan.requests)
         del plan
         bench.results.append(r)
@@ -625,7 +662,10 @@ def names_arg(value: str, known: tuple[str, ...]) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--targets", default="vllm,rayllm,iris")
+    p.add_argument("--targets", default="vllm,vllm-pooling,rayllm,iris",
+                   help="servers to start, one at a time (those no chosen workload is for are "
+                   "skipped): vllm (vLLM's server, chat model), vllm-pooling (vLLM's server, "
+                   "encoder), rayllm (Ray Serve LLM), iris (`make serve`: both models)")
     p.add_argument("--workloads", default="all",
                    help=f"comma-separated, or all (default): {', '.join(WORKLOADS)}")
     p.add_argument("--requests", type=int, default=40,
@@ -664,6 +704,8 @@ def main() -> int:
     try:
         loads = workloads(args.requests, args.concurrency, args.max_tokens,
                           names_arg(args.workloads, WORKLOADS))
+        # A server none of the chosen workloads is for is not started.
+        targets = [t for t in targets if any(serves(t, w) for w in loads)]
         scraped = names_arg(args.cache_metrics, WORKLOADS)
         check_names(scraped)
     except ValueError as exc:

@@ -52,12 +52,18 @@ class Workload:
     size: tuple[int, int] | None = None
     turns: int = 1
     note: str = ""  # shown after the name in reports, e.g. "cache-friendly"
+    # "chat": streamed chat completions; "embeddings": one image per /v1/embeddings request.
+    route: str = "chat"
 
     def __post_init__(self) -> None:
         if bool(self.image_urls) == (self.size is not None):
             raise ValueError(f"{self.name}: give image_urls or size, not both or neither")
         if self.turns < 1:
             raise ValueError(f"{self.name}: turns must be >= 1")
+        if self.route not in ("chat", "embeddings"):
+            raise ValueError(f"{self.name}: route is chat or embeddings, not {self.route!r}")
+        if self.route == "embeddings" and self.turns > 1:
+            raise ValueError(f"{self.name}: embeddings have no turns")
 
     @property
     def label(self) -> str:
@@ -280,11 +286,21 @@ def question_list(turns: int) -> tuple[str, ...]:
                  for t in range(turns))
 
 
+def embed_body(model: str, image_url: str, messages: bool = False) -> dict[str, Any]:
+    """One image to embed: as an `input` item (Iris, and OpenAI's shape), or as vLLM's own
+    pooling server takes images, a chat-style `messages` list (`messages=True`)."""
+    item = {"type": "image_url", "image_url": {"url": image_url}}
+    if messages:
+        return {"model": model, "messages": [{"role": "user", "content": [item]}]}
+    return {"model": model, "input": [item]}
+
+
 def make_plan(model: str, workload: Workload, images: Images | None = None,
-              requests: int | None = None) -> Plan:
+              requests: int | None = None, messages: bool = False) -> Plan:
     """The bodies of `requests` (default: the workload's) requests of `workload`. A `size`
     workload takes a new image from `images` for each request (or conversation): give the
-    run's one `Images`, so that no two plans share an image."""
+    run's one `Images`, so that no two plans share an image. `messages`: embeddings bodies in
+    vLLM's pooling-server shape (see embed_body)."""
     n = workload.requests if requests is None else requests
     if workload.size is not None and images is None:
         images = Images()
@@ -295,6 +311,8 @@ def make_plan(model: str, workload: Workload, images: Images | None = None,
             return images.data_uri(*workload.size)
         return workload.image_urls[i % len(workload.image_urls)]
 
+    if workload.route == "embeddings":
+        return Plan(bodies=[encoded(embed_body(model, url(i), messages)) for i in range(n)])
     if workload.turns > 1:
         questions = question_list(workload.turns)
         return Plan(conversations=[
@@ -356,8 +374,35 @@ async def stream_chat(client: httpx.AsyncClient, url: str,
         return res
 
 
+async def post_embedding(client: httpx.AsyncClient, url: str, body: bytes) -> StreamResult:
+    """One /v1/embeddings request; its whole time counts as the first token's (nothing
+    streams). Fails on a non-200 or an answer without a vector."""
+    t0 = time.monotonic()
+    res = StreamResult(ok=False)
+    try:
+        resp = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+        if resp.status_code != 200:
+            res.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            return res
+        answer = resp.json()
+        if not (answer.get("data") or [{}])[0].get("embedding"):
+            res.error = f"no embedding in {resp.text[:200]}"
+            return res
+        res.usage = answer.get("usage")
+        res.e2e_s = res.first_token_s = time.monotonic() - t0
+        res.ok = True
+        return res
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {exc}"[:300]
+        return res
+
+
 async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any] | bytes,
                       result: Result) -> None:
+    if url.endswith("/embeddings"):
+        result.record(await post_embedding(client, url, body if isinstance(body, bytes)
+                                           else encoded(body)))
+        return
     result.record(await stream_chat(client, url, body))
 
 
@@ -383,7 +428,7 @@ async def run_workload(base_url: str, model: str, workload: Workload, target: st
     result = Result(workload.name, target)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     sem = asyncio.Semaphore(workload.concurrency)
-    url = f"{base_url}/chat/completions"
+    url = f"{base_url}/{'embeddings' if workload.route == 'embeddings' else 'chat/completions'}"
     limits = httpx.Limits(max_connections=workload.concurrency * 2)
     async with httpx.AsyncClient(timeout=timeout_s, headers=headers, limits=limits) as client:
 

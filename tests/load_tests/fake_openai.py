@@ -54,6 +54,13 @@ class FakeOpenAI:
             def do_POST(self) -> None:
                 arrived = time.perf_counter()
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.endswith("/embeddings"):
+                    with outer._lock:
+                        outer.bodies.append(body)
+                    self._send(200, json.dumps({"data": [{"index": 0, "embedding": [0.6, 0.8]}],
+                                                "usage": {"prompt_tokens": 1}}).encode(),
+                               "application/json")
+                    return
                 answer = outer.answer(body, arrived)
                 self._send(200, answer, "text/event-stream")
 

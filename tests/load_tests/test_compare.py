@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from load_tests.compare import (
     servers,
     workloads,
 )
-from load_tests.workload import Images, Result, Workload
+from load_tests.workload import Images, Result, Workload, make_plan
 from tests.servers import free_port
 
 
@@ -101,6 +102,26 @@ def test_default_workloads_lead_with_the_realistic_ones(monkeypatch: pytest.Monk
     assert [w.name for w in picked] == ["fresh-small", "chat-4turns"]
     with pytest.raises(ValueError, match="fresh-smol"):
         workloads(40, 4, 8, ["fresh-smol"])
+
+
+def test_embeddings_go_to_the_encoder_and_are_compared_with_vllms_pooling_server() -> None:
+    embed = next(w for w in workloads(8, 4, 8, ["embed-fresh"]))
+    chat = workloads(8, 4, 8, ["fresh-small"])[0]
+    assert (embed.route, embed.concurrency, embed.size) == ("embeddings", 4, (640, 480))
+    assert [t for t in ("vllm", "vllm-pooling", "rayllm", "iris") if compare.serves(t, embed)] \
+        == ["vllm-pooling", "iris"]
+    assert [t for t in ("vllm", "vllm-pooling", "rayllm", "iris") if compare.serves(t, chat)] \
+        == ["vllm", "rayllm", "iris"]
+    assert compare.model_of(embed) == "demo-clip" and compare.model_of(chat) == "demo-vlm"
+    # Iris takes the image as an `input` item; vLLM's pooling server as chat-style messages.
+    ours = json.loads(make_plan("demo-clip", embed, Images(salt=3), 1).bodies[0])
+    theirs = json.loads(make_plan("demo-clip", embed, Images(salt=3), 1, messages=True).bodies[0])
+    assert ours["input"][0]["image_url"] == theirs["messages"][0]["content"][0]["image_url"]
+    results = [Result("embed-fresh", "vllm-pooling", wall_s=1.0, e2e_s=[0.1] * 4,
+                      ttft_s=[0.1] * 4),
+               Result("embed-fresh", "iris", wall_s=1.0, e2e_s=[0.1] * 5, ttft_s=[0.1] * 5)]
+    row = markdown(results, ["vllm-pooling", "iris"]).splitlines()[-1]
+    assert row.endswith("| 1.25x |"), row
 
 
 VLLM_PAGE = """\
@@ -185,13 +206,14 @@ def test_measure_end_to_end_against_a_loopback_fake(tmp_path: Path) -> None:
         bench = Bench(Images(salt=1), warmup=2, scrape=frozenset({"fresh-small", "chat-4turns"}),
                       settle_s=10)
         loads = [Workload("fresh-small", size=(64, 48), requests=6, concurrency=2),
+                 Workload("embed-fresh", size=(64, 48), requests=3, route="embeddings"),
                  Workload("chat-4turns", size=(64, 48), turns=4, requests=8, concurrency=2),
                  Workload("same-small", ("data:image/jpeg;base64,AAAA",), requests=4, note="x")]
         measure(bench, server, loads, 0)
     finally:
         server.stop()
     assert [(r.workload, r.ok, len(r.errors)) for r in bench.results] == [
-        ("fresh-small", 6, 0), ("chat-4turns", 8, 0), ("same-small", 4, 0)]
+        ("fresh-small", 6, 0), ("embed-fresh", 3, 0), ("chat-4turns", 8, 0), ("same-small", 4, 0)]
     assert [row["workload"] for row in bench.cpu] == [w.name for w in loads]
     # CPU time moves in 10 ms ticks, so one tiny workload may read 0; all of them cannot.
     assert any(row["cpu_ms"] for row in bench.cpu)
@@ -203,4 +225,4 @@ def test_measure_end_to_end_against_a_loopback_fake(tmp_path: Path) -> None:
     assert chat["prefix_cache_hit_pct"] > 50
     by = combined(bench.results, bench.caches)
     assert by[("chat-4turns", "iris")]["cached_tokens_pct"] == chat["prefix_cache_hit_pct"]
-    assert bench.images.made == 6 + 2 + 2 + 1  # measured and warm-up, each its own
+    assert bench.images.made == 6 + 2 + 3 + 2 + 2 + 1  # measured and warm-up, each its own
