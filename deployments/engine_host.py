@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import ObjectLostError
+from ray.exceptions import ObjectLostError, RayActorError
 
 from deployments.contract import EngineRequest, PreparedImage
 from deployments.logs import keep_serve_log_handlers, quiet_client_errors
@@ -76,12 +76,14 @@ class EngineHost:
 
 async def pixels(images: list[PreparedImage]) -> list[tuple[np.ndarray, str]]:
     """The images' pixels from the object store (zero-copy on this node); PixelsLost if an
-    object is gone (its node died), so the caller may prepare them again."""
+    object is gone (its node died) or was never made (the preprocessor replica died between
+    yielding the image's metadata and its pixels: the pixels' ref then holds the actor's
+    death), so the caller may prepare them again."""
     if not images:
         return []
     got = await asyncio.gather(*(img.pixels for img in images), return_exceptions=True)
     lost = [img.uuid for img, arr in zip(images, got, strict=True)
-            if isinstance(arr, ObjectLostError)]
+            if isinstance(arr, ObjectLostError | RayActorError)]
     if lost:
         raise PixelsLost(lost)
     for arr in got:
