@@ -299,8 +299,11 @@ def main() -> int:
                 print(f">> metrics (Prometheus): "
                       f"http://{cfg.http.host}:{serving.metrics_port}/metrics",
                       flush=True)
+            served = "; ".join(
+                ([f"model {cfg.model.id!r}"] if cfg.serve_chat else [])
+                + ([f"encoder {cfg.encoder.id!r}"] if cfg.encoder is not None else []))
             print(f">> ready in {time.monotonic() - t0:.0f} s: OpenAI API at "
-                  f"http://{cfg.http.host}:{serving.port}/v1 (model {cfg.model.id!r}). "
+                  f"http://{cfg.http.host}:{serving.port}/v1 ({served}). "
                   "Ctrl-C stops everything.", flush=True)
         while not stopping:
             time.sleep(0.5)

@@ -369,6 +369,8 @@ class Bench:
     cpu: list[dict[str, Any]] = field(default_factory=list)
     caches: list[dict[str, Any]] = field(default_factory=list)
     generation_s: float = 0.0
+    # CPU ms per second each server used with no traffic, once ready (run_in_turn).
+    idle: dict[str, list[float]] = field(default_factory=dict)
 
 
 MEDIANS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_mean_ms")
@@ -605,6 +607,10 @@ def run_in_turn(targets: list[str], make: Callable[[str], Server], loads: list[W
         server.start(log)
         try:
             print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
+            # What it costs with no traffic (an idle engine that spins would show here).
+            idle = idle_cpu([server], 5)[server.name]
+            bench.idle.setdefault(server.name, []).append(idle)
+            print(f">> [{server.name}] idle CPU: {idle} ms per second", flush=True)
             measure(bench, server, loads, k)
         except Exception as exc:
             print(f">> [{server.name}] failed: {exc}", flush=True)
@@ -721,8 +727,8 @@ def main() -> int:
     if args.interleave:
         idle = run_interleaved(targets, make, loads, args, out, bench)
     else:
-        idle = {}
         run_in_turn(targets, make, loads, args, out, bench)
+        idle = {n: statistics.median(v) for n, v in bench.idle.items()}
     labels = {w.name: w.label for w in loads}
     table = markdown(bench.results, targets, labels, bench.caches)
     note = (f"Same machine, model {MODEL_ID}, {args.max_tokens} output tokens (ignore_eos), "
@@ -732,8 +738,9 @@ def main() -> int:
             + "".join(f"; {n}: {e}" for n, e in variants.items()) + "."
             + (f" Medians over {args.rounds} rounds, req/s range in brackets; each round "
                "started with a different server." if args.rounds > 1 else "")
-            + (" Interleaved: all servers ran at once and took turns per workload; with no "
-               "traffic they used, in CPU ms per second, "
+            + (" Interleaved: all servers ran at once and took turns per workload."
+               if args.interleave else "")
+            + (" Ready and with no traffic, the servers used, in CPU ms per second, "
                + ", ".join(f"{n} {ms}" for n, ms in idle.items()) + "." if idle else "")
             + "\n\n" + "".join(f"- {describe(w)}\n" for w in loads) + "\n")
     cache_note = (

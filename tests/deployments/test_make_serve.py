@@ -31,7 +31,8 @@ from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / ".models" / "demo-vlm"
-READY = re.compile(r"^>> ready in \d+ s: OpenAI API at (http://\S+/v1) \(model '([^']+)'\)")
+READY = re.compile(r"^>> ready in \d+ s: OpenAI API at (http://\S+/v1) "
+                   r"\(model '([^']+)'; encoder '([^']+)'\)")
 PROGRESS = re.compile(r"^>> \[\s*\d+ s\] ")
 # The machine is shared and slow: these only stop a hung run, they time nothing.
 START_TIMEOUT_S = 600.0
@@ -236,7 +237,7 @@ def _check_ready(
     """What was printed up to the ready line, and that it was the last line; the API and
     the metrics answer."""
     assert run.lines_during(AFTER_READY_S) == [], "printed after the ready line:\n" + run.tail()
-    base, model = match[1], match[2]
+    base, model, encoder = match[1], match[2], match[3]
     assert base == f"http://127.0.0.1:{port}/v1", run.tail()
     out = run.lines
     # The proxy's address is not one to use (clients connect to ChatIngress directly).
@@ -251,7 +252,7 @@ def _check_ready(
     assert f">> metrics (Prometheus): {metrics}" in out[:-1], run.tail()
     status, body = _get(f"{base}/models")
     assert status == 200, body
-    assert [m["id"] for m in json.loads(body)["data"]] == [model]
+    assert [m["id"] for m in json.loads(body)["data"]] == [model, encoder]
     status, body = _get(metrics)
     assert status == 200 and b"# TYPE" in body
 
