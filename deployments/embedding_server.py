@@ -15,7 +15,8 @@ from deployments.contract import PreparedImage
 from deployments.engine_host import pixels
 from deployments.logs import keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import Supervisor
-from handlers.config import EncoderSettings, IrisConfig
+from handlers.config import EncoderSettings, EngineSettings, IrisConfig
+from handlers.cpu_affinity import engine_process_cores, pinned
 from handlers.encoder import Text, VllmEncoder, read_logit_scale
 from handlers.errors import EngineUnavailable
 
@@ -28,9 +29,14 @@ class EmbedBatch:
     dimensions: int | None = None
 
 
-async def start_encoder(enc: EncoderSettings) -> VllmEncoder:
+async def start_encoder(enc: EncoderSettings, engine: EngineSettings) -> VllmEncoder:
+    """Its processes on the CPU engine's cores when Iris placed the chat engine's worker
+    (engine.cpu_cores): the encoder's worker already binds there (it inherits the same
+    VLLM_CPU_OMP_THREADS_BIND); its core process joins it, as the chat engine's does,
+    instead of competing with the CPU tier on the other cores."""
     os.environ.update(enc.env)
-    with keep_serve_log_handlers():
+    cores = engine_process_cores(engine, dict(os.environ))
+    with keep_serve_log_handlers(), pinned(cores):
         encoder = await VllmEncoder.start(enc)
     quiet_client_errors()
     return encoder
@@ -42,7 +48,7 @@ class EmbeddingServer:
         assert config.encoder is not None
         enc, e = config.encoder, config.engine
         self._logit_scale = read_logit_scale(enc.source)
-        self._encoder = Supervisor(await start_encoder(enc), lambda: start_encoder(enc),
+        self._encoder = Supervisor(await start_encoder(enc, e), lambda: start_encoder(enc, e),
                                    stall_timeout_s=e.stall_timeout_s,
                                    restart_attempts=e.restart_attempts)
         self._encoder.watch()
