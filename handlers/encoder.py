@@ -15,14 +15,14 @@ import math
 from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from handlers.config import EncoderSettings
 from handlers.engine import InProcessEngine, extra_cli_args, parse_vllm_args, start_async_llm
-from handlers.errors import InvalidRequest, error_from_openai_payload, to_error
+from handlers.errors import InvalidRequest
 
 Text = str | list[int]  # a string, or token ids
 
@@ -121,13 +121,3 @@ class VllmEncoder(InProcessEngine):
         data = sorted(payload["data"], key=lambda d: int(d["index"]))
         return [list(map(float, d["embedding"])) for d in data], int(
             payload["usage"]["prompt_tokens"])
-
-    def _raise(self, payload: dict[str, Any], exc: BaseException | None) -> NoReturn:
-        from handlers.errors import EngineUnavailable
-
-        if self.errored:
-            raise EngineUnavailable.restarting()
-        status = int(payload.get("error", {}).get("code") or 500)
-        if status >= 500 and exc is not None:
-            raise to_error(exc)
-        raise error_from_openai_payload(status, payload)

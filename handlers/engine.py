@@ -216,6 +216,16 @@ class InProcessEngine:
     def shutdown(self) -> None:
         self._engine.shutdown()
 
+    def _raise(self, payload: dict[str, Any], exc: BaseException | None) -> NoReturn:
+        """vLLM's error (an ErrorResponse, or its error chunk) as Iris's; 503 while the
+        engine is dead."""
+        if self.errored:
+            raise EngineUnavailable.restarting()
+        status = int(payload.get("error", {}).get("code") or 500)
+        if status >= 500 and exc is not None:
+            raise to_error(exc)
+        raise error_from_openai_payload(status, payload)
+
 
 class VllmChatEngine(InProcessEngine):
     """An in-process vLLM AsyncLLM plus vLLM's OpenAIServingChat."""
@@ -269,11 +279,3 @@ class VllmChatEngine(InProcessEngine):
                     self._raise(json.loads(chunk[len("data: "):].split("\n", 1)[0]), None)
                 yield SseChunk(chunk)
 
-    def _raise(self, payload: dict[str, Any], exc: BaseException | None) -> NoReturn:
-        """vLLM's error (an ErrorResponse, or its error chunk) as Iris's."""
-        if self.errored:
-            raise EngineUnavailable.restarting()
-        status = int(payload.get("error", {}).get("code") or 500)
-        if status >= 500 and exc is not None:
-            raise to_error(exc)
-        raise error_from_openai_payload(status, payload)
