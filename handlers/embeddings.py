@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from handlers.errors import InvalidRequest
-from handlers.protocol import Detail, image_part, validation_message
+from handlers.protocol import Detail, image_part, validated
 
 EncodingFormat = Literal["float", "base64"]
 ItemKind = Literal["text", "tokens", "image"]
@@ -183,13 +183,7 @@ def _items(value: Any, max_items: int) -> list[EmbedItem]:
 
 def parse_embedding_request(body: Any, max_items: int) -> EmbeddingRequest:
     """The request, every item checked; InvalidRequest names the offending field."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        env = _EmbeddingBody.model_validate(body)
-    except ValidationError as exc:
-        msg, param = validation_message(exc)
-        raise InvalidRequest(msg, param=param) from None
+    env = validated(_EmbeddingBody, body)
     items = _items(env.input, max_items)
     return EmbeddingRequest(
         model=env.model,

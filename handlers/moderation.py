@@ -48,7 +48,7 @@ from pydantic import (
 
 from handlers.embeddings import IMAGE_PART_TYPES, TEXT_PART_TYPES, image_item
 from handlers.errors import InvalidRequest
-from handlers.protocol import Detail, validation_message
+from handlers.protocol import Detail, validated, validation_message
 
 InputKind = Literal["text", "image"]
 Vector = npt.NDArray[np.float64]
@@ -399,13 +399,7 @@ def _inputs(value: Any, max_items: int) -> list[ModerationInput]:
 def parse_moderation_request(body: Any, max_items: int) -> ModerationRequest:
     """The request, every part checked; InvalidRequest names the offending field.
     `max_items` caps the strings of a list of strings, or the parts of a multimodal list."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        env = _ModerationBody.model_validate(body)
-    except ValidationError as exc:
-        msg, param = validation_message(exc)
-        raise InvalidRequest(msg, param=param) from None
+    env = validated(_ModerationBody, body)
     return ModerationRequest(model=env.model, inputs=_inputs(env.input, max_items))
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from handlers.errors import InvalidRequest
+
+M = TypeVar("M", bound=BaseModel)
 
 # OpenAI's `detail` (the current SDKs add "original": full resolution, within the caps).
 Detail = Literal["auto", "low", "high", "original"]
@@ -90,14 +92,19 @@ def validation_message(exc: ValidationError, prefix: str = "") -> tuple[str, str
     return f"{param or 'body'}: {err.get('msg', 'invalid value')}", param
 
 
-def parse_envelope(body: Any) -> ChatEnvelope:
+def validated(model: type[M], body: Any) -> M:
+    """A JSON object body as `model`; InvalidRequest naming the first offending field."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        env = ChatEnvelope.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         msg, param = validation_message(exc)
         raise InvalidRequest(msg, param=param) from None
+
+
+def parse_envelope(body: Any) -> ChatEnvelope:
+    env = validated(ChatEnvelope, body)
     if not env.messages:
         raise InvalidRequest("messages must contain at least one message.", param="messages")
     return env

@@ -13,10 +13,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from handlers.errors import InvalidRequest
-from handlers.protocol import Detail, validation_message
+from handlers.protocol import Detail, validated
 
 STATELESS = "Iris keeps no state between requests"
 # What the chat path accepts; "original" (full resolution) is closest to Iris's "high".
@@ -63,13 +63,7 @@ def new_item_id(prefix: str) -> str:
 
 def parse_request(body: Any) -> ResponsesRequest:
     """Validate a Responses body, refusing what needs server-side state. Raises InvalidRequest."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        req = ResponsesRequest.model_validate(body)
-    except ValidationError as exc:
-        msg, param = validation_message(exc)
-        raise InvalidRequest(msg, param=param) from None
+    req = validated(ResponsesRequest, body)
     if req.previous_response_id is not None:
         raise InvalidRequest(f"previous_response_id is not supported: {STATELESS}; send the "
                              "whole conversation in input.", param="previous_response_id")
