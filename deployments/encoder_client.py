@@ -16,13 +16,13 @@ from handlers.config import IrisConfig
 from handlers.embeddings import embedding_response, parse_embedding_request
 from handlers.encoder import Text
 from handlers.errors import InvalidRequest, ModelNotFound, PixelsLost
-from handlers.moderation import (
+from handlers.moderation_head import load_head
+from handlers.moderation_request import parse_moderation_request
+from handlers.moderation_scoring import (
     Scorer,
-    load_head,
     logit_scale,
     moderation_response,
     new_moderation_id,
-    parse_moderation_request,
     prompt_texts,
 )
 from handlers.protocol import ImageRef

@@ -21,23 +21,22 @@ from openai.types.moderation import CategoryAppliedInputTypes, CategoryScores
 from handlers.errors import InvalidRequest
 from handlers.moderation import (
     CATEGORIES,
-    CLIP_LOGIT_SCALE,
     DEFAULT_CATEGORY_PROMPTS,
     DEFAULT_NEUTRAL_PROMPTS,
     DEFAULT_THRESHOLDS,
     IMAGE_CATEGORIES,
-    HeadError,
     InputKind,
-    ModerationPart,
-    ModerationRequest,
-    ModerationResult,
     ModerationSettings,
+)
+from handlers.moderation_head import HeadError, load_head
+from handlers.moderation_request import ModerationPart, ModerationRequest, parse_moderation_request
+from handlers.moderation_scoring import (
+    CLIP_LOGIT_SCALE,
+    ModerationResult,
     Scorer,
-    load_head,
     logit_scale,
     moderation_response,
     new_moderation_id,
-    parse_moderation_request,
     prompt_texts,
 )
 
