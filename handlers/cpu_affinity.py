@@ -86,3 +86,10 @@ def pinned(cores: list[int]) -> Iterator[None]:
         yield
     finally:
         _set_all_threads(before)
+
+
+def move_to(cores: list[int]) -> None:
+    """This process, every thread it has and will start, on `cores` from now on (nothing
+    when `cores` is empty)."""
+    if cores and hasattr(os, "sched_setaffinity"):
+        _set_all_threads(set(cores))

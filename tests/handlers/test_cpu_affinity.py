@@ -67,6 +67,29 @@ def test_pinned_is_inherited_by_children_and_undone_after() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs two cores to pin to one")
+def test_move_to_moves_every_thread_and_those_started_later() -> None:
+    # In a child: moving this test process would outlast the test.
+    code = """
+import os, threading
+from handlers.cpu_affinity import move_to
+ready, stop = threading.Event(), threading.Event()
+seen = {}
+def early():
+    ready.set(); stop.wait(); seen["early"] = sorted(os.sched_getaffinity(0))
+t = threading.Thread(target=early); t.start(); ready.wait()
+move_to([LAST])
+late = threading.Thread(target=lambda: seen.update(late=sorted(os.sched_getaffinity(0))))
+late.start(); late.join(); stop.set(); t.join()
+print(seen["early"], seen["late"], sorted(os.sched_getaffinity(0)))
+"""
+    last = max(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", code.replace("LAST", str(last))],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == [f"[{last}]"] * 3
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to pin to one")
 def test_init_ray_starts_ray_beside_the_engine_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     """What Ray's processes would inherit when init_ray starts them (ray.init faked)."""
     import ray
@@ -90,4 +113,9 @@ def test_init_ray_starts_ray_beside_the_engine_cores(monkeypatch: pytest.MonkeyP
     assert os.sched_getaffinity(0) == before and OMP_BIND_ENV not in os.environ
     seen.clear()
     init_ray(IrisConfig(engine={"cpu_cores": "off"}))
+    assert seen == {"bind": None, "affinity": sorted(before)}
+    # Only the encoder served: no chat engine worker to keep cores for.
+    seen.clear()
+    init_ray(IrisConfig(engine={"cpu_cores": "auto"}, serve_chat=False,
+                        encoder={"id": "demo-clip"}))
     assert seen == {"bind": None, "affinity": sorted(before)}
