@@ -16,7 +16,7 @@ from deployments.engine_host import pixels
 from deployments.logs import keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import Supervisor
 from handlers.config import EncoderSettings, EngineSettings, IrisConfig
-from handlers.cpu_affinity import engine_process_cores, pinned
+from handlers.cpu_affinity import engine_process_cores, move_to, pinned
 from handlers.encoder import Text, VllmEncoder, read_logit_scale
 from handlers.errors import EngineUnavailable
 
@@ -47,6 +47,12 @@ class EmbeddingServer:
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         assert config.encoder is not None
         enc, e = config.encoder, config.engine
+        # The whole replica on the engine's cores when Iris placed them (engine.cpu_cores),
+        # not only its engine: the CPU tier's one core is what embeddings of fresh images
+        # wait for (ingress, preprocessor and this replica at ~10-15 ms each per image),
+        # while the engine's core idles unless chat is busy (embed-fresh: see
+        # docs/benchmarks.md).
+        move_to(engine_process_cores(e, dict(os.environ)))
         self._logit_scale = read_logit_scale(enc.source)
         self._encoder = Supervisor(await start_encoder(enc, e), lambda: start_encoder(enc, e),
                                    stall_timeout_s=e.stall_timeout_s,
