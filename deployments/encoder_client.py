@@ -12,6 +12,7 @@ from deployments.contract import PreparedImage
 from deployments.embedding_server import EmbedBatch
 from deployments.images import ImagePreparer
 from deployments.ray_errors import client_error
+from deployments.retry import retrying
 from handlers.config import IrisConfig
 from handlers.embeddings import embedding_response, parse_embedding_request
 from handlers.encoder import Text
@@ -58,15 +59,22 @@ class EncoderClient:
             batch: list[Text | PreparedImage] = [
                 next(prepared) if isinstance(x, ImageRef) else x for x in items]
             try:
-                result: tuple[list[list[float]], int] = await self._encoder.embed.remote(
-                    EmbedBatch(batch, dimensions))
-                return result
+                return await self._call_encoder(EmbedBatch(batch, dimensions), deadline)
             except Exception as exc:
                 err = client_error(exc)
                 if not isinstance(err, PixelsLost) or attempt == 2:
                     raise err from None
                 self._images.forget(err.uuids)
         raise AssertionError("unreachable")
+
+    async def _call_encoder(self, request: EmbedBatch, deadline: float
+                            ) -> tuple[list[list[float]], int]:
+        """An embedding is a pure function of its input: when the EmbeddingServer replica
+        dies under the call, another one (or its replacement) answers it, within the
+        request's deadline."""
+        result: tuple[list[list[float]], int] = await retrying(
+            "encoder", lambda: self._encoder.embed.remote(request), deadline)
+        return result
 
     async def embeddings(self, body: Any, deadline: float) -> dict[str, Any]:
         req = parse_embedding_request(body, self._cfg.limits.max_embedding_inputs)

@@ -9,7 +9,8 @@ Serve's proxy: `local` (the engine inside ChatIngress) and `split` (the engine i
 two ChatIngress replicas). Faults, each under its own load:
 
 1. SIGKILL the ImagePreprocessor replica, then the ImageFetcher replica, while 40 requests
-   with distinct images run at concurrency 4;
+   with distinct images run at concurrency 4; then the only EmbeddingServer replica under
+   40 /v1/embeddings requests (they wait for its replacement: the call is retried);
 2. scale the preprocessor 2 -> 1 while requests are queued behind the engine, then send a
    data: image its stopped replica prepared;
 3. SIGKILL vLLM's EngineCore during a long stream, in both layouts: the stream must end
@@ -44,7 +45,14 @@ import httpx
 import psutil
 
 from load_tests.cluster import no_address_file
-from load_tests.workload import chat_body, encoded, stream_chat
+from load_tests.workload import (
+    StreamResult,
+    chat_body,
+    embed_body,
+    encoded,
+    post_embedding,
+    stream_chat,
+)
 from tests.images import data_uri, encode, natural
 from tests.servers import HangingS3Proxy, S3Server, free_port
 
@@ -108,13 +116,16 @@ def configs(proxy_port: int, plan: Plan) -> dict[str, Any]:
         "api_key": [API_KEY],
     }
     health = {"health_check_period_s": 2, "health_check_timeout_s": 10}
-    local = load_config(use_yaml=False, **common, app_name="chaos-local", deployments={
+    encoder = {"id": "demo-clip", "source": ".models/demo-clip", "dtype": "float32"}
+    local = load_config(use_yaml=False, **common, app_name="chaos-local", encoder=encoder,
+                        deployments={
         "engine_in_ingress": True,
         "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 256},
         "llm": {"num_replicas": 1, "num_cpus": 1, "max_ongoing_requests": 16, **health},
         "fetcher": {"num_replicas": 1, "num_cpus": 0.25, **health},
         "preprocessor": {"num_replicas": 2, "num_cpus": 0.5, "resources": {PREP_NODE: 1},
                          **health},
+        "encoder": {"num_replicas": 1, "num_cpus": 0.5, **health},
     })
     split = load_config(use_yaml=False, **common, app_name="chaos-split", deployments={
         "engine_in_ingress": False,
@@ -178,9 +189,12 @@ def fresh_images(n: int, seed: int) -> list[str]:
             for i in range(n)]
 
 
+Send = Callable[[httpx.AsyncClient, str, bytes], Awaitable[StreamResult]]
+
+
 async def load(client: httpx.AsyncClient, url: str, bodies: list[bytes], concurrency: int,
-               fault: Callable[[], Awaitable[None]] | None = None, after: int = 4
-               ) -> tuple[int, list[str]]:
+               fault: Callable[[], Awaitable[None]] | None = None, after: int = 4,
+               send: Send = stream_chat) -> tuple[int, list[str]]:
     """Every body once, `concurrency` at a time; `fault()` runs once `after` have finished.
     (failed, errors)."""
     sem = asyncio.Semaphore(concurrency)
@@ -191,7 +205,7 @@ async def load(client: httpx.AsyncClient, url: str, bodies: list[bytes], concurr
     async def one(body: bytes) -> None:
         nonlocal done
         async with sem:
-            res = await stream_chat(client, url, body)
+            res = await send(client, url, body)
         done += 1
         if not res.ok:
             errors.append(res.error)
@@ -209,11 +223,29 @@ async def load(client: httpx.AsyncClient, url: str, bodies: list[bytes], concurr
 # --------------------------------------------------------------------------- faults
 
 
+def engine_tree(actor: Any) -> list[int]:
+    """The pids of the engine a replica holds: its core process and what that started."""
+    import ray
+
+    core = ray.get(actor.record_routing_stats.remote(), timeout=30)["engine_pids"][0]
+    return [core, *(p.pid for p in psutil.Process(core).children(recursive=True))]
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p)
+            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
 async def kill_replica_under_load(name: str, app: str, deployment: str, url: str,
                                   bodies: list[bytes], client: httpx.AsyncClient,
-                                  plan: Plan, fig: Figures) -> None:
+                                  plan: Plan, fig: Figures, send: Send = stream_chat,
+                                  engine: bool = False) -> None:
+    """SIGKILL the deployment's first replica once 4 requests of the load have finished;
+    every request must still succeed, and a new replica must run. `engine`: the replica
+    holds one, whose processes must end with it (handlers/reaper.py)."""
     (actor, *_) = replicas(app, deployment)
     pid = replica_pid(actor)
+    engine_pids = engine_tree(actor) if engine else []
     want = running(app, deployment)
     before = {a._actor_id for a in replicas(app, deployment)}
     killed_at = time.monotonic()
@@ -224,9 +256,11 @@ async def kill_replica_under_load(name: str, app: str, deployment: str, url: str
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
 
-    failed, errors = await load(client, url, bodies, plan.concurrency, fault)
+    failed, errors = await load(client, url, bodies, plan.concurrency, fault, send=send)
     fig.requests += len(bodies)
     fig.note(name, failed, errors)
+    left = alive(engine_pids)
+    fig.orphans += len(left)
     # Replaced: a replica that was not there before the kill runs, and as many as before.
     await until(lambda: running(app, deployment) >= want and bool(
         {a._actor_id for a in replicas(app, deployment)} - before), 180,
@@ -234,7 +268,8 @@ async def kill_replica_under_load(name: str, app: str, deployment: str, url: str
     fig.replaced[name] = True
     fig.replaced_s[name] = round(time.monotonic() - killed_at, 1)
     log(name, f"{len(bodies)} requests, {failed} failed; a new replica running "
-              f"{fig.replaced_s[name]:.0f} s after the kill (at most: checked after the load)")
+              f"{fig.replaced_s[name]:.0f} s after the kill (at most: checked after the load)"
+        + (f"; the dead replica's engine processes left: {len(left)}" if engine else ""))
 
 
 async def scale_preprocessor_down(cfg: Any, url: str, client: httpx.AsyncClient, plan: Plan,
@@ -276,12 +311,8 @@ async def kill_engine_core(layout: str, cfg: Any, url: str, client: httpx.AsyncC
     fig.note(name, 0, [])
     holder = "ChatIngress" if layout == "local" else "LLMServer"
     (actor, *_) = replicas(cfg.app_name, holder)
-    import ray
-
-    stats = ray.get(actor.record_routing_stats.remote(), timeout=30)
-    core = stats["engine_pids"][0]
-    # The engine's processes: its core and whatever that started (vLLM's worker).
-    engine_tree = [core, *(p.pid for p in psutil.Process(core).children(recursive=True))]
+    tree = engine_tree(actor)
+    core = tree[0]
     image = fresh_images(1, seed=900)[0]
     body = chat_body(cfg.model.id, image, plan.long_tokens)
     lines: list[str] = []
@@ -325,8 +356,7 @@ async def kill_engine_core(layout: str, cfg: Any, url: str, client: httpx.AsyncC
     fig.refused_with_retry_after[layout] = retry_after and 503 in statuses
     fig.requests += len(statuses) + 1
     await asyncio.sleep(5)
-    left = [p for p in engine_tree if psutil.pid_exists(p)
-            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    left = alive(tree)
     fig.orphans += len(left)
     log(name, f"stream ended with the envelope: {fig.envelope[layout]} (code "
               f"{last_json.get('error', {}).get('code')!r}); statuses "
@@ -441,6 +471,11 @@ async def scenario(cluster: Any, cfgs: dict[str, Any], proxy_port: int, s3: S3Se
                 natural(320, 240, seed=200 + i), "JPEG"), "image/jpeg"), 8)) for i in range(n)]
             await kill_replica_under_load("kill_fetcher", "chaos-local", "ImageFetcher",
                                           urls["local"], http_bodies, client, plan, fig)
+            embed_bodies = [encoded(embed_body(cfgs["local"].encoder.id, u))
+                            for u in fresh_images(n, seed=500)]
+            await kill_replica_under_load("kill_encoder", "chaos-local", "EmbeddingServer",
+                                          f"{base}/local/v1/embeddings", embed_bodies, client,
+                                          plan, fig, send=post_embedding, engine=True)
             await scale_preprocessor_down(cfgs["local"], urls["local"], client, plan, fig)
             for layout in LAYOUTS:
                 await kill_engine_core(layout, cfgs[layout], urls[layout], client, plan, fig)
@@ -524,9 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy.close()
         s3.close()
         time.sleep(2)
-        leftover = [p for p in engines if psutil.pid_exists(p)
-                    and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        fig.orphans += len(leftover)
+        fig.orphans += len(alive(list(engines)))
         good = ok and not any(fig.failed.values()) and fig.orphans == 0
         if good:
             shutil.rmtree(temp_dir, ignore_errors=True)

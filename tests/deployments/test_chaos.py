@@ -42,9 +42,11 @@ def test_no_request_is_lost_to_a_fault() -> None:
     assert r["completed"], (r, progress)
     assert r["failed_requests"] and not any(r["failed_requests"].values()), (r, progress)
     assert set(r["failed_requests"]) == {  # every fault was injected
-        "kill_preprocessor", "kill_fetcher", "scale_preprocessor", "engine_local",
+        "kill_preprocessor", "kill_fetcher", "kill_encoder", "scale_preprocessor",
+        "engine_local",
         "engine_split", "scale_ingress", "controller", "node", "hung_s3"}
-    assert r["replaced"] == {"kill_preprocessor": True, "kill_fetcher": True}
+    assert r["replaced"] == {"kill_preprocessor": True, "kill_fetcher": True,
+                             "kill_encoder": True}
     assert r["stream_ended_with_envelope"] == {"local": True, "split": True}
     assert r["refused_with_retry_after"] == {"local": True, "split": True}
     assert all(isinstance(s, int | float) for s in r["engine_recovery_s"].values()), r
