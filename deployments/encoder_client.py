@@ -41,6 +41,10 @@ class EncoderClient:
         self._images = images
         self._scorer: Scorer | None = None
 
+    async def ready(self) -> None:
+        """Raises unless an EmbeddingServer replica is up with its engine serving."""
+        await self._encoder.ready.remote()
+
     def _check_model(self, model: str | None, *, moderation: bool = False) -> None:
         # Clients written for OpenAI name its moderation models: they mean this encoder.
         if moderation and (model is None or model.startswith(OPENAI_MODERATION_MODELS)):

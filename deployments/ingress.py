@@ -155,9 +155,13 @@ class ChatIngress:
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
-        """Readiness: the engine can serve."""
+        """Readiness: the chat engine can serve; in an app that serves only the encoder, the
+        encoder can. (Beside a chat model, an encoder that is down does not make the replica
+        unready: it would take chat offline with it.)"""
         try:
             await asyncio.wait_for(self._backend.ready(), 10)
+            if self._model_id is None and self._encoder is not None:
+                await asyncio.wait_for(self._encoder.ready(), 10)
         except Exception:
             err = Overloaded("The engine is not ready.", code="not_ready",
                              headers={"Retry-After": "5"})
