@@ -119,9 +119,10 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     cpus = num_cpus or max(8, os.cpu_count() or 1)
     print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
     extra = cfg.http.direct_ingress_env()
-    # Only a chat engine's worker gets cores of its own: an app serving only the encoder
-    # would leave one idle while its CPU tier queues on the rest.
-    split = engine_core_split(cfg.engine) if cfg.serve_chat else None
+    # Also when only the encoder is served: its worker takes the cores instead. Letting it
+    # float with the replicas (no split) measured worse (compare-17: 7.8 and 21.2 req/s
+    # against 29.2 and 21.7 with the split; docs/benchmarks.md).
+    split = engine_core_split(cfg.engine)
     if split is not None:
         extra[OMP_BIND_ENV] = omp_bind(split[0])
         print(f">> CPU engine worker on cores {split[0]}; Ray and the replicas on {split[1]}",

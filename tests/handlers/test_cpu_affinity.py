@@ -114,8 +114,4 @@ def test_init_ray_starts_ray_beside_the_engine_cores(monkeypatch: pytest.MonkeyP
     seen.clear()
     init_ray(IrisConfig(engine={"cpu_cores": "off"}))
     assert seen == {"bind": None, "affinity": sorted(before)}
-    # Only the encoder served: no chat engine worker to keep cores for.
-    seen.clear()
-    init_ray(IrisConfig(engine={"cpu_cores": "auto"}, serve_chat=False,
-                        encoder={"id": "demo-clip"}))
-    assert seen == {"bind": None, "affinity": sorted(before)}
+
