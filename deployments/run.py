@@ -119,9 +119,9 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     cpus = num_cpus or max(8, os.cpu_count() or 1)
     print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
     extra = cfg.http.direct_ingress_env()
-    # Also when only the encoder is served: its worker takes the cores instead. Letting it
-    # float with the replicas (no split) measured worse (compare-17: 7.8 and 21.2 req/s
-    # against 29.2 and 21.7 with the split; docs/benchmarks.md).
+    # Also when only the encoder is served: its worker (and EmbeddingServer) take the
+    # engine's cores instead. Whether no split would serve embeddings better is not measured
+    # (docs/benchmarks.md, compare-17).
     split = engine_core_split(cfg.engine)
     if split is not None:
         extra[OMP_BIND_ENV] = omp_bind(split[0])
