@@ -184,7 +184,9 @@ def test_cache_figures_sit_next_to_the_workloads_row() -> None:
     assert "ConnectError" in detail and "not reported" in detail and "not read" in detail
 
 
-@pytest.mark.timeout(60)
+# A hang guard, not a speed limit (the run takes ~3 s): long enough for Server.stop's own
+# escalation (SIGINT, then SIGTERM after 60 s), which a clean-clone run once needed.
+@pytest.mark.timeout(150)
 def test_measure_end_to_end_against_a_loopback_fake(tmp_path: Path) -> None:
     """compare's whole measurement against a fake server process exporting its counters late,
     as Ray's metrics agent does: distinct images (the fake's multimodal cache never hits),
