@@ -15,8 +15,8 @@ from deployments.contract import PreparedImage
 from deployments.engine_host import pixels
 from deployments.logs import keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import Supervisor
-from handlers.config import EncoderSettings, EngineSettings, IrisConfig
-from handlers.cpu_affinity import engine_process_cores, move_to, pinned
+from handlers.config import EncoderSettings, IrisConfig
+from handlers.cpu_affinity import engine_process_cores, move_to
 from handlers.encoder import Text, VllmEncoder, read_logit_scale
 from handlers.errors import EngineUnavailable
 
@@ -29,14 +29,10 @@ class EmbedBatch:
     dimensions: int | None = None
 
 
-async def start_encoder(enc: EncoderSettings, engine: EngineSettings) -> VllmEncoder:
-    """Its processes on the CPU engine's cores when Iris placed the chat engine's worker
-    (engine.cpu_cores): the encoder's worker already binds there (it inherits the same
-    VLLM_CPU_OMP_THREADS_BIND); its core process joins it, as the chat engine's does,
-    instead of competing with the CPU tier on the other cores."""
-    os.environ.update(enc.env)
-    cores = engine_process_cores(engine, dict(os.environ))
-    with keep_serve_log_handlers(), pinned(cores):
+async def start_encoder(enc: EncoderSettings) -> VllmEncoder:
+    """vLLM's encoder engine in this process; its processes start where this one runs
+    (EmbeddingServer places itself first)."""
+    with keep_serve_log_handlers():
         encoder = await VllmEncoder.start(enc)
     quiet_client_errors()
     return encoder
@@ -47,14 +43,16 @@ class EmbeddingServer:
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         assert config.encoder is not None
         enc, e = config.encoder, config.engine
-        # The whole replica on the engine's cores when Iris placed them (engine.cpu_cores),
-        # not only its engine: the CPU tier's one core is what embeddings of fresh images
-        # wait for (ingress, preprocessor and this replica at ~10-15 ms each per image),
-        # while the engine's core idles unless chat is busy (embed-fresh: see
-        # docs/benchmarks.md).
+        os.environ.update(enc.env)
+        # The whole replica, and so the engine processes it starts, on the CPU engine's cores
+        # when Iris placed the chat engine's worker there (engine.cpu_cores; the encoder's
+        # worker inherits the same VLLM_CPU_OMP_THREADS_BIND). The CPU tier's one core is
+        # what embeddings of fresh images wait for (ingress, preprocessor and this replica at
+        # ~10-15 ms each per image), while the engine's core idles unless chat is busy
+        # (embed-fresh: docs/benchmarks.md).
         move_to(engine_process_cores(e, dict(os.environ)))
         self._logit_scale = read_logit_scale(enc.source)
-        self._encoder = Supervisor(await start_encoder(enc, e), lambda: start_encoder(enc, e),
+        self._encoder = Supervisor(await start_encoder(enc), lambda: start_encoder(enc),
                                    stall_timeout_s=e.stall_timeout_s,
                                    restart_attempts=e.restart_attempts)
         self._encoder.watch()
