@@ -83,6 +83,9 @@ class Server:
     # The Prometheus page with the engine's vLLM counters; None: `no_metrics` says why.
     metrics_url: str | None = None
     no_metrics: str = ""
+    # A line the server prints once it is ready: a 200 alone is not proof (compare-18 saw one
+    # 4 s after an Iris start, from whatever answered on the port before Ray was even up).
+    ready_line: bytes | None = None
 
     @property
     def base_url(self) -> str:
@@ -104,12 +107,15 @@ class Server:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
             try:
                 url = f"http://127.0.0.1:{self.port}{self.ready_path}"
-                if httpx.get(url, timeout=5).status_code == 200:
+                if httpx.get(url, timeout=5).status_code == 200 and self._said_ready():
                     return time.monotonic() - t0
             except httpx.HTTPError:
                 pass
             time.sleep(2)
         raise TimeoutError(f"{self.name} was not ready after {timeout_s:.0f} s")
+
+    def _said_ready(self) -> bool:
+        return self.ready_line is None or self.ready_line in Path(self._log.name).read_bytes()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -143,7 +149,7 @@ def iris_server(name: str, env: dict[str, str], iris_env: dict[str, str], port: 
     return Server(name, [sys.executable, "-m", "deployments.run"], port,
                   {"IRIS_HTTP__PORT": str(port), "IRIS_METRICS_PORT": str(metrics),
                    **iris_env, **env}, "/ready",
-                  metrics_url=f"http://127.0.0.1:{metrics}/metrics")
+                  metrics_url=f"http://127.0.0.1:{metrics}/metrics", ready_line=b">> ready in ")
 
 
 def vllm_server(port: int, engine_stats: bool = True) -> Server:
