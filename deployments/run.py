@@ -53,6 +53,22 @@ class Serving:
 SLOW_STARTUP_ENV = "RAY_SERVE_SLOW_STARTUP_WARNING_S"
 SLOW_STARTUP_S = 300
 
+# Ray settings for every process of a Ray instance Iris starts; a value already in the
+# environment wins. On a cluster started elsewhere, the same values go into the nodes'
+# environment (infra/kuberay/rayservice.yaml, infra/aws/cluster.yaml). Their effect, measured
+# with load_tests.compare: docs/benchmarks.md (compare-18, compare-19).
+RAY_TUNING_ENV = {
+    # Replica code and each handle's router on the replica's own event loop: two thread
+    # hops less per call. Ray's throughput-optimised values, about to become its defaults
+    # (ray-project/ray#61226); every Iris replica is async and blocks its loop nowhere.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    # Objects up to 4 MiB travel inside Ray's task messages, not through the object store
+    # (Ray's default: 100 KiB). A photo's data: URI (~250 KB) and its prepared pixels (~1 MB)
+    # then cost no object-store put and get per hop; a 12 MP image's still go through it.
+    "RAY_max_direct_call_object_size": str(4 << 20),
+}
+
 # Where to reach a server bound to a wildcard address.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
@@ -111,14 +127,16 @@ def holding(host: str, ports: list[int]) -> Iterator[None]:
 
 def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> LocalRay | None:
     """Start a local Ray instance (more logical CPUs than cores, so all replicas fit) whose
-    processes carry the settings `cfg` needs: direct ingress, and a CPU engine's worker
+    processes carry Iris's Ray settings (RAY_TUNING_ENV) and those `cfg` needs: direct
+    ingress, and a CPU engine's worker
     on cores of its own (engine.cpu_cores) with every Ray process on the others. None when
     it connected to a Ray instance started elsewhere."""
     import ray
 
     cpus = num_cpus or max(8, os.cpu_count() or 1)
     print(f">> starting a local Ray instance ({cpus} logical CPUs)", flush=True)
-    extra = cfg.http.direct_ingress_env()
+    extra = {k: v for k, v in RAY_TUNING_ENV.items() if k not in os.environ}
+    extra.update(cfg.http.direct_ingress_env())
     # Also when only the encoder is served: its worker (and EmbeddingServer) take the
     # engine's cores instead. Whether no split would serve embeddings better is not measured
     # (docs/benchmarks.md, compare-17).

@@ -11,6 +11,7 @@ from wsgiref.simple_server import make_server
 import pytest
 
 from deployments.run import (
+    RAY_TUNING_ENV,
     SLOW_STARTUP_ENV,
     SLOW_STARTUP_S,
     PortInUse,
@@ -101,6 +102,27 @@ def test_init_ray_lets_rays_metrics_agent_take_its_port(monkeypatch: pytest.Monk
     # Serve's controller inherits a slow-startup warning past what the engine takes to load.
     assert seen["slow_startup"] == str(SLOW_STARTUP_S)
     assert SLOW_STARTUP_ENV not in os.environ
+
+
+def test_ray_starts_with_irises_settings_unless_the_environment_has_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray's processes read these when they start, from the environment they inherit; a
+    value the user exported (to measure Ray's defaults, say) is left as it is."""
+    import ray
+
+    seen: dict[str, str | None] = {}
+    monkeypatch.setattr(ray, "init", lambda **_: seen.update(
+        {k: os.environ.get(k) for k in RAY_TUNING_ENV}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in RAY_TUNING_ENV:
+        monkeypatch.delenv(key, raising=False)
+    theirs = next(iter(RAY_TUNING_ENV))
+    monkeypatch.setenv(theirs, "1")
+    init_ray(_config(free_port()))
+    assert seen == {**RAY_TUNING_ENV, theirs: "1"}
+    assert {k: os.environ.get(k) for k in RAY_TUNING_ENV} == {
+        **dict.fromkeys(RAY_TUNING_ENV), theirs: "1"}  # the driver's own is as it was
 
 
 def _time_wait_port(server_reuses_addr: bool) -> int:

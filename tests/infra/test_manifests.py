@@ -224,6 +224,15 @@ def test_rayservice_pods_share_image_identity_and_key() -> None:
         assert "secretKeyRef" in env["IRIS_API_KEY"]["valueFrom"]
 
 
+def test_rayservice_pods_carry_the_ray_settings_make_serve_uses() -> None:
+    from deployments.run import RAY_TUNING_ENV
+
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in _container(pod)["env"]}
+        assert {k: env.get(k) for k in RAY_TUNING_ENV} == RAY_TUNING_ENV
+
+
 # --- cluster launcher ----------------------------------------------------------------------
 
 
@@ -252,6 +261,11 @@ def test_cluster_launcher_config() -> None:
     for worker in (gpu, cpu):
         assert "iris-ray-worker" in worker["node_config"]["IamInstanceProfile"]["Arn"]
     assert gen.NODE_PROJECT_DIR in cfg["file_mounts"]
+    from deployments.run import RAY_TUNING_ENV
+
+    for start in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        exports = " ".join(start)
+        assert all(f"{k}={v}" in exports for k, v in RAY_TUNING_ENV.items())
     assert any(gen.NODE_PROJECT_DIR in c and "install" in c for c in cfg["setup_commands"])
 
 
