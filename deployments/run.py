@@ -60,7 +60,8 @@ SLOW_STARTUP_S = 300
 RAY_TUNING_ENV = {
     # Replica code and each handle's router on the replica's own event loop: two thread
     # hops less per call. Ray's throughput-optimised values, about to become its defaults
-    # (ray-project/ray#61226); every Iris replica is async and blocks its loop nowhere.
+    # (ray-project/ray#61226). Iris's replicas are async and keep long work off their loop
+    # (decodes in threads, engines in their own processes).
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # Objects up to 4 MiB travel inside Ray's task messages, not through the object store
