@@ -59,14 +59,15 @@ SLOW_STARTUP_S = 300
 # with load_tests.compare: docs/benchmarks.md (compare-18, compare-19).
 RAY_TUNING_ENV = {
     # Replica code and each handle's router on the replica's own event loop: two thread
-    # hops less per call. Ray's throughput-optimised values, about to become its defaults
-    # (ray-project/ray#61226). Iris's replicas are async and keep long work off their loop
+    # hops less per call. Ray's throughput-optimised values, which Ray plans to make its
+    # defaults (ray-project/ray#61226). Iris's replicas are async and keep long work off their loop
     # (decodes in threads, engines in their own processes).
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # Objects up to 4 MiB travel inside Ray's task messages, not through the object store
     # (Ray's default: 100 KiB). A photo's data: URI (~250 KB) and its prepared pixels (~1 MB)
-    # then cost no object-store put and get per hop; a 12 MP image's still go through it.
+    # then cost no object-store put and get per hop; a 12 MP JPEG's data: URI (~9 MB) still
+    # goes through the store.
     "RAY_max_direct_call_object_size": str(4 << 20),
 }
 
