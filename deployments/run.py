@@ -60,8 +60,8 @@ SLOW_STARTUP_S = 300
 RAY_TUNING_ENV = {
     # Replica code and each handle's router on the replica's own event loop: two thread
     # hops less per call. Ray's throughput-optimised values, which Ray plans to make its
-    # defaults (ray-project/ray#61226). Iris's replicas are async and keep long work off their loop
-    # (decodes in threads, engines in their own processes).
+    # defaults (ray-project/ray#61226). Iris's replicas are async and keep long work off
+    # their loop (decodes in threads, engines in their own processes).
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # Objects up to 4 MiB travel inside Ray's task messages, not through the object store
@@ -130,9 +130,8 @@ def holding(host: str, ports: list[int]) -> Iterator[None]:
 def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> LocalRay | None:
     """Start a local Ray instance (more logical CPUs than cores, so all replicas fit) whose
     processes carry Iris's Ray settings (RAY_TUNING_ENV) and those `cfg` needs: direct
-    ingress, and a CPU engine's worker
-    on cores of its own (engine.cpu_cores) with every Ray process on the others. None when
-    it connected to a Ray instance started elsewhere."""
+    ingress, and a CPU engine's worker on cores of its own (engine.cpu_cores) with every Ray
+    process on the others. None when it connected to a Ray instance started elsewhere."""
     import ray
 
     cpus = num_cpus or max(8, os.cpu_count() or 1)
