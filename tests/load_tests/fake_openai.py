@@ -4,7 +4,7 @@ counters on a Prometheus page, named as vLLM's server names them or as Ray's met
 re-exports them, optionally published late (as Ray's agent does, every few seconds).
 
 In-process: `FakeOpenAI()`; as a process (for the CPU meter): `python -m
-tests.load_tests.fake_openai --port P [--ray] [--interval S]`.
+tests.load_tests.fake_openai --port P [--ray] [--interval S] [--cpu-ms MS]`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def tokens(message: dict[str, Any]) -> int:
 
 
 class FakeOpenAI:
-    def __init__(self, port: int = 0, ray_names: bool = False, interval_s: float = 0.0) -> None:
+    def __init__(self, port: int = 0, ray_names: bool = False, interval_s: float = 0.0,
+                 cpu_ms: float = 0.0) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # time.perf_counter() of each request's arrival
         self.counters = dict.fromkeys(("prefix_cache_queries", "prefix_cache_hits",
@@ -53,6 +54,7 @@ class FakeOpenAI:
 
             def do_POST(self) -> None:
                 arrived = time.perf_counter()
+                outer.burn()
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path.endswith("/embeddings"):
                     with outer._lock:
@@ -82,6 +84,14 @@ class FakeOpenAI:
         if interval_s:
             threading.Thread(target=self._publish, args=(interval_s,), daemon=True).start()
         self._interval = interval_s
+        self._cpu_s = cpu_ms / 1000
+
+    def burn(self) -> None:
+        """Spend the configured CPU time on this request: a real server's work, which the CPU
+        meter must see (too little and the kernel's 10 ms ticks may count none of it)."""
+        end = time.thread_time() + self._cpu_s
+        while time.thread_time() < end:
+            pass
 
     @property
     def base_url(self) -> str:
@@ -146,8 +156,9 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ray", action="store_true", help="name the counters as Ray exports them")
     p.add_argument("--interval", type=float, default=0.0, help="publish counters this often")
+    p.add_argument("--cpu-ms", type=float, default=0.0, help="CPU time spent on each request")
     args = p.parse_args()
-    server = FakeOpenAI(args.port, args.ray, args.interval)
+    server = FakeOpenAI(args.port, args.ray, args.interval, args.cpu_ms)
     try:
         while True:
             time.sleep(1)

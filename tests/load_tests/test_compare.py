@@ -193,7 +193,8 @@ def test_measure_end_to_end_against_a_loopback_fake(tmp_path: Path) -> None:
     conversations (it does, from turn 2), CPU per request, cache figures after the export."""
     port = free_port()
     server = Server("iris", [sys.executable, "-m", "tests.load_tests.fake_openai",
-                             "--port", str(port), "--ray", "--interval", "0.3"], port,
+                             "--port", str(port), "--ray", "--interval", "0.3",
+                             "--cpu-ms", "20"], port,
                     metrics_url=f"http://127.0.0.1:{port}/metrics")
     server.start(tmp_path / "fake.log")
     try:
@@ -217,8 +218,9 @@ def test_measure_end_to_end_against_a_loopback_fake(tmp_path: Path) -> None:
     assert [(r.workload, r.ok, len(r.errors)) for r in bench.results] == [
         ("fresh-small", 6, 0), ("embed-fresh", 3, 0), ("chat-4turns", 8, 0), ("same-small", 4, 0)]
     assert [row["workload"] for row in bench.cpu] == [w.name for w in loads]
-    # CPU time moves in 10 ms ticks, so one tiny workload may read 0; all of them cannot.
-    assert any(row["cpu_ms"] for row in bench.cpu)
+    # The fake spends 20 ms of CPU on each request: the meter finds it in the server's process
+    # (at least most of it: CPU time moves in 10 ms ticks), and per request.
+    assert all(row["cpu_ms"].get("fake_openai", 0) >= 10 for row in bench.cpu), bench.cpu
     fresh, chat = bench.caches
     # Warm-ups excluded: exactly the measured requests, after the late export.
     assert (fresh["engine_requests"], chat["engine_requests"]) == (6, 8) and not chat["note"]
