@@ -6,13 +6,15 @@ ingress sees for both layouts.
   max_queued_requests here, as Serve's queue does in front of LLMServer, with Iris's own
   envelope on the 503 (Serve's own limits on the ingress would also hold /health and
   /v1/models behind streams, and answer outside the envelope).
-- ServeBackend: the engine runs in the LLMServer deployment, reached through its handle.
+- ServeBackend: the engine runs in the LLMServer deployment, reached through its handle;
+  a call whose replica died before answering goes again.
 
 Either way `chat` yields typed events and raises IrisError; closing the stream it returns
 stops the engine request."""
 
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 from typing import Any, Protocol, cast
 
@@ -21,9 +23,10 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.contract import EngineRequest
 from deployments.engine_host import EngineHost
 from deployments.ray_errors import client_error
+from deployments.retry import before_retry, replica_gone
 from handlers.admission import Admission
 from handlers.config import IrisConfig
-from handlers.errors import ModelNotFound
+from handlers.errors import EngineUnavailable, ModelNotFound
 from handlers.events import EngineEvent, EventStream, JsonAnswer
 
 
@@ -76,25 +79,41 @@ class InProcessBackend:
 
 
 class ServeBackend:
-    def __init__(self, llm: DeploymentHandle) -> None:
+    def __init__(self, llm: DeploymentHandle, retry_for_s: float) -> None:
         self._llm = llm
+        self._retry_for_s = retry_for_s
 
     async def chat(self, request: EngineRequest) -> EventStream:
-        gen = cast(DeploymentResponseGenerator[EngineEvent],  # stream=True: a generator
-                   self._llm.options(stream=True).chat.remote(request))
-        finished = False
-        try:
-            event: EngineEvent
-            async for event in gen:
-                # A JSON answer is the whole answer: the call is done, nothing to cancel.
-                finished = isinstance(event, JsonAnswer)
-                yield event
-            finished = True
-        except Exception as exc:
-            raise client_error(exc) from None
-        finally:
-            if not finished:
-                gen.cancel()  # the client went away or we failed: stop the engine request
+        """The LLMServer call's events. If its replica dies before the first event, nothing
+        reached the client: the call goes again (to another replica, or the replacement
+        once Serve has started it) within `retry_for_s`. After that the answer is cut:
+        the client gets engine_unavailable."""
+        deadline = time.monotonic() + self._retry_for_s
+        attempt = 0
+        while True:
+            gen = cast(DeploymentResponseGenerator[EngineEvent],  # stream=True: a generator
+                       self._llm.options(stream=True).chat.remote(request))
+            finished = begun = False
+            try:
+                event: EngineEvent
+                async for event in gen:
+                    # A JSON answer is the whole answer: the call is done, nothing to cancel.
+                    finished = isinstance(event, JsonAnswer)
+                    begun = True
+                    yield event
+                finished = True
+                return
+            except Exception as exc:
+                if not replica_gone(exc):
+                    raise client_error(exc) from None
+                if begun:
+                    raise EngineUnavailable.lost_mid_answer() from None
+                attempt += 1
+                if not await before_retry("engine", exc, attempt, deadline):
+                    raise EngineUnavailable.restarting() from None
+            finally:
+                if not finished:
+                    gen.cancel()  # the client went away or we failed: stop the engine request
 
     async def ready(self) -> None:
         await self._llm.ready.remote()
@@ -137,4 +156,4 @@ async def start_backend(config: IrisConfig, llm: DeploymentHandle | None
         return NoChatBackend()
     if llm is None:
         return await InProcessBackend.start(config)
-    return ServeBackend(llm)
+    return ServeBackend(llm, config.limits.request_timeout_s)

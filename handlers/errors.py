@@ -160,6 +160,13 @@ class EngineUnavailable(IrisError):
         return cls("The model engine is restarting; retry shortly.",
                    headers={"Retry-After": str(cls.RETRY_AFTER_S)})
 
+    @classmethod
+    def lost_mid_answer(cls) -> EngineUnavailable:
+        """The replica holding the engine went away after the answer had begun (a stream
+        cannot be resumed elsewhere)."""
+        return cls("The model engine serving this answer went away; retry the request.",
+                   headers={"Retry-After": str(cls.RETRY_AFTER_S)})
+
 
 class PixelsLost(IrisError):
     """A prepared image's pixels are gone from the object store (their node died). Raised

@@ -14,7 +14,10 @@ two ChatIngress replicas). Faults, each under its own load:
 2. scale the preprocessor 2 -> 1 while requests are queued behind the engine, then send a
    data: image its stopped replica prepared;
 3. SIGKILL vLLM's EngineCore during a long stream, in both layouts: the stream must end
-   with Iris's envelope, new requests get 503 + Retry-After until the engine is back;
+   with Iris's envelope, new requests get 503 + Retry-After until the engine is back; then
+   SIGKILL the split layout's LLMServer replica itself during a long stream: the stream
+   ends with the envelope (engine_unavailable), requests sent right after it are answered
+   by the replacement;
 4. scale ChatIngress 2 -> 1 while long streams run on both replicas;
 5. kill the Serve controller under load;
 6. remove the worker node (preprocessor replicas) under load;
@@ -232,8 +235,23 @@ def engine_tree(actor: Any) -> list[int]:
 
 
 def alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if psutil.pid_exists(p)
-            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:  # gone, or reaped while we looked
+            continue
+    return out
+
+
+def survivors(pids: list[int], guard_s: float = 60) -> list[int]:
+    """The processes still alive after up to `guard_s`: dying ones get their time (a
+    vLLM process notices its parent's death within seconds, longer on busy cores)."""
+    t0 = time.monotonic()
+    while (left := alive(pids)) and time.monotonic() - t0 < guard_s:
+        time.sleep(0.5)
+    return left
 
 
 async def kill_replica_under_load(name: str, app: str, deployment: str, url: str,
@@ -259,7 +277,7 @@ async def kill_replica_under_load(name: str, app: str, deployment: str, url: str
     failed, errors = await load(client, url, bodies, plan.concurrency, fault, send=send)
     fig.requests += len(bodies)
     fig.note(name, failed, errors)
-    left = alive(engine_pids)
+    left = await asyncio.to_thread(survivors, engine_pids)
     fig.orphans += len(left)
     # Replaced: a replica that was not there before the kill runs, and as many as before.
     await until(lambda: running(app, deployment) >= want and bool(
@@ -326,11 +344,7 @@ async def kill_engine_core(layout: str, cfg: Any, url: str, client: httpx.AsyncC
         os.kill(core, signal.SIGKILL)
         killed = time.monotonic()
         lines += [ln async for ln in it]
-    events = [ln[6:] for ln in lines if ln.startswith("data: ")]
-    last_json = json.loads(events[-2]) if len(events) >= 2 else {}
-    fig.envelope[layout] = (events[-1:] == ["[DONE]"] and isinstance(
-        last_json.get("error", {}).get("code"), str)
-        and set(last_json.get("error", {})) == {"message", "type", "param", "code"})
+    fig.envelope[layout], code = ended_with_envelope(lines)
     # New requests: 503 with Retry-After while the engine is down, then 200. Nothing else.
     small = chat_body(cfg.model.id, image, 4) | NOT_STREAMED
     statuses: list[int] = []
@@ -355,13 +369,65 @@ async def kill_engine_core(layout: str, cfg: Any, url: str, client: httpx.AsyncC
         fig.note(name, 1, ["no successful chat within 300 s"])
     fig.refused_with_retry_after[layout] = retry_after and 503 in statuses
     fig.requests += len(statuses) + 1
-    await asyncio.sleep(5)
-    left = alive(tree)
+    left = await asyncio.to_thread(survivors, tree)
     fig.orphans += len(left)
     log(name, f"stream ended with the envelope: {fig.envelope[layout]} (code "
-              f"{last_json.get('error', {}).get('code')!r}); statuses "
+              f"{code!r}); statuses "
               f"{sorted(set(statuses))}; first success {fig.recovery_s.get(layout)} s after "
               f"the kill; old engine processes left: {len(left)}")
+
+
+def ended_with_envelope(lines: list[str]) -> tuple[bool, str | None]:
+    """(the SSE stream ended with Iris's error envelope and [DONE], the error's code)."""
+    events = [ln[6:] for ln in lines if ln.startswith("data: ")]
+    last_json = json.loads(events[-2]) if len(events) >= 2 else {}
+    error = last_json.get("error", {})
+    code = error.get("code") if isinstance(error, dict) else None
+    ok = (events[-1:] == ["[DONE]"] and isinstance(code, str)
+          and set(error) == {"message", "type", "param", "code"})
+    return ok, code
+
+
+async def kill_llm_server(cfg: Any, url: str, client: httpx.AsyncClient, plan: Plan,
+                          fig: Figures) -> None:
+    """SIGKILL the split layout's only LLMServer replica during a long stream. That stream
+    ends with the envelope, code engine_unavailable. Requests sent right after the kill
+    (some to the dead replica, before Serve knows) are sent again by the ingress and
+    answered by the replacement; the dead replica's engine processes end with it."""
+    name = "kill_llm_server"
+    (actor, *_) = replicas(cfg.app_name, "LLMServer")
+    pid, tree = replica_pid(actor), engine_tree(actor)
+    before = {a._actor_id for a in replicas(cfg.app_name, "LLMServer")}
+    image = fresh_images(1, seed=950)[0]
+    bodies = [encoded(chat_body(cfg.model.id, img, 8)) for img in fresh_images(8, seed=960)]
+    lines: list[str] = []
+    async with client.stream("POST", url, json=chat_body(cfg.model.id, image,
+                                                         plan.long_tokens)) as resp:
+        it = resp.aiter_lines()
+        async for line in it:
+            lines.append(line)
+            if len(lines) >= 6:
+                break
+        log(name, f"SIGKILL LLMServer replica (pid {pid}) during a stream")
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        lines += [ln async for ln in it]
+    enveloped, code = ended_with_envelope(lines)
+    fig.envelope[name] = enveloped and code == "engine_unavailable"
+    failed, errors = await load(client, url, bodies, plan.concurrency)
+    fig.requests += len(bodies) + 1
+    fig.note(name, failed, errors)
+    answered_s = time.monotonic() - killed
+    await until(lambda: running(cfg.app_name, "LLMServer") >= 1 and bool(
+        {a._actor_id for a in replicas(cfg.app_name, "LLMServer")} - before), 180,
+        "LLMServer replaced")
+    fig.replaced[name] = True
+    left = await asyncio.to_thread(survivors, tree)
+    fig.orphans += len(left)
+    log(name, f"stream ended with the envelope: {enveloped} (code {code!r}); "
+              f"{len(bodies)} requests sent after the kill, {failed} failed, the last "
+              f"answered {answered_s:.0f} s after it; the dead replica's engine processes left: "
+              f"{len(left)}")
 
 
 async def scale_ingress_during_streams(cfg: Any, url: str, client: httpx.AsyncClient,
@@ -479,6 +545,7 @@ async def scenario(cluster: Any, cfgs: dict[str, Any], proxy_port: int, s3: S3Se
             await scale_preprocessor_down(cfgs["local"], urls["local"], client, plan, fig)
             for layout in LAYOUTS:
                 await kill_engine_core(layout, cfgs[layout], urls[layout], client, plan, fig)
+            await kill_llm_server(cfgs["split"], urls["split"], client, plan, fig)
             await scale_ingress_during_streams(cfgs["split"], urls["split"], client, plan, fig)
             await kill_controller(urls["local"], [encoded(chat_body(model, u, 8))
                                   for u in fresh_images(n, seed=300)], client, plan, fig)
@@ -558,8 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.shutdown()
         proxy.close()
         s3.close()
-        time.sleep(2)
-        fig.orphans += len(alive(list(engines)))
+        fig.orphans += len(survivors(list(engines)))
         good = ok and not any(fig.failed.values()) and fig.orphans == 0
         if good:
             shutil.rmtree(temp_dir, ignore_errors=True)

@@ -175,11 +175,15 @@ class FakeEngineHost:
 class FakeStreamingHandle:
     """Stands in for a DeploymentHandle in ServeBackend unit tests: `.options(stream=True)
     .chat.remote(request)` returns an async iterator over `events`, then raises `fail`;
-    records cancel()."""
+    records cancel(). The first `lost_calls` calls raise `lost` (a dead replica's error)
+    before any event."""
 
-    def __init__(self, events: list[Any], fail: BaseException | None = None) -> None:
+    def __init__(self, events: list[Any], fail: BaseException | None = None,
+                 lost_calls: int = 0, lost: BaseException | None = None) -> None:
         self._events = events
         self._fail = fail
+        self._lost_calls = lost_calls
+        self._lost = lost
         self.cancelled = False
         self.chat = self
         self.calls: list[Any] = []
@@ -190,6 +194,7 @@ class FakeStreamingHandle:
     def remote(self, request: Any) -> Any:
         self.calls.append(request)
         outer = self
+        lost = outer._lost if len(self.calls) <= outer._lost_calls else None
 
         class Stream:
             def __init__(self) -> None:
@@ -199,6 +204,8 @@ class FakeStreamingHandle:
                 return self
 
             async def __anext__(self) -> Any:
+                if lost is not None:
+                    raise lost
                 if self._events:
                     return self._events.pop(0)
                 if outer._fail is not None:

@@ -1,7 +1,8 @@
 """Fault injection on real Ray, Serve and vLLM (`python -m load_tests.chaos --short`, which
 starts its own two-node cluster): replicas killed, scaled away and hung sources under load,
-engines killed mid-stream in both layouts, the controller killed, a node removed. What the
-clients saw is asserted on the script's JSON line."""
+engines killed mid-stream in both layouts, the LLMServer replica killed mid-stream, the
+controller killed, a node removed. What the clients saw is asserted on the script's JSON
+line."""
 
 from __future__ import annotations
 
@@ -44,10 +45,12 @@ def test_no_request_is_lost_to_a_fault() -> None:
     assert set(r["failed_requests"]) == {  # every fault was injected
         "kill_preprocessor", "kill_fetcher", "kill_encoder", "scale_preprocessor",
         "engine_local",
-        "engine_split", "scale_ingress", "controller", "node", "hung_s3"}
+        "engine_split", "kill_llm_server", "scale_ingress", "controller", "node", "hung_s3"}
     assert r["replaced"] == {"kill_preprocessor": True, "kill_fetcher": True,
-                             "kill_encoder": True}
-    assert r["stream_ended_with_envelope"] == {"local": True, "split": True}
+                             "kill_encoder": True, "kill_llm_server": True}
+    # kill_llm_server: the code is engine_unavailable, not a generic internal error.
+    assert r["stream_ended_with_envelope"] == {"local": True, "split": True,
+                                               "kill_llm_server": True}
     assert r["refused_with_retry_after"] == {"local": True, "split": True}
     assert all(isinstance(s, int | float) for s in r["engine_recovery_s"].values()), r
     assert r["drained_streams_completed"] and r["repeat_after_scale_down_ok"]
