@@ -11,8 +11,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.contract import PreparedImage
-from deployments.engine_host import pixels
+from deployments.contract import ImagePixels
 from deployments.logs import keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import Supervisor
 from handlers.config import EncoderSettings, IrisConfig
@@ -25,7 +24,7 @@ from handlers.errors import EngineUnavailable
 class EmbedBatch:
     """The items of one request, each a text (or token ids) or an image; answered in order."""
 
-    items: list[Text | PreparedImage] = field(default_factory=list)
+    items: list[Text | ImagePixels] = field(default_factory=list)
     dimensions: int | None = None
 
 
@@ -61,12 +60,12 @@ class EmbeddingServer:
         """(one vector per item, in order; prompt tokens). Texts go in one engine request,
         images in another, at once."""
         encoder = self._encoder.serving()
-        texts = [(i, x) for i, x in enumerate(batch.items) if not isinstance(x, PreparedImage)]
-        images = [(i, x) for i, x in enumerate(batch.items) if isinstance(x, PreparedImage)]
+        texts = [(i, x) for i, x in enumerate(batch.items) if not isinstance(x, ImagePixels)]
+        images = [(i, x) for i, x in enumerate(batch.items) if isinstance(x, ImagePixels)]
         try:
             (text_vectors, text_tokens), (image_vectors, image_tokens) = await asyncio.gather(
                 encoder.embed_texts([t for _, t in texts], batch.dimensions),
-                encoder.embed_images(await pixels([img for _, img in images]),
+                encoder.embed_images([(img.array, img.uuid) for _, img in images],
                                      batch.dimensions))
         except EngineUnavailable:
             self._encoder.died(encoder)

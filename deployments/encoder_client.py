@@ -8,8 +8,9 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.contract import PreparedImage
+from deployments.contract import ImagePixels
 from deployments.embedding_server import EmbedBatch
+from deployments.engine_host import pixels
 from deployments.images import ImagePreparer
 from deployments.ray_errors import client_error
 from deployments.retry import retrying
@@ -54,15 +55,18 @@ class EncoderClient:
 
     async def _embed(self, items: list[Text | ImageRef], dimensions: int | None,
                      deadline: float) -> tuple[list[list[float]], int]:
-        """Vectors in item order. Images are prepared for the encoder first; if their pixels
-        were lost before the engine read them, they are prepared again, once."""
+        """Vectors in item order. Images are prepared for the encoder first, and their
+        pixels sent by value (contract.ImagePixels); if the pixels were lost before this
+        process read them, they are prepared again, once."""
         refs = [x for x in items if isinstance(x, ImageRef)]
         for attempt in (1, 2):
-            prepared = iter(await self._images.prepare_all(
-                refs, deadline, reuse=attempt == 1, target="encoder"))
-            batch: list[Text | PreparedImage] = [
-                next(prepared) if isinstance(x, ImageRef) else x for x in items]
+            prepared = await self._images.prepare_all(
+                refs, deadline, reuse=attempt == 1, target="encoder")
             try:
+                arrays = iter(await pixels(prepared))
+                batch: list[Text | ImagePixels] = [
+                    ImagePixels(*next(arrays)) if isinstance(x, ImageRef) else x
+                    for x in items]
                 return await self._call_encoder(EmbedBatch(batch, dimensions), deadline)
             except Exception as exc:
                 err = client_error(exc)
