@@ -323,6 +323,24 @@ async def scale_preprocessor_down(cfg: Any, url: str, client: httpx.AsyncClient,
     await asyncio.to_thread(deploy, cfg, "/local")  # back to 2
 
 
+async def kill_during_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                             name: str, what: str, pid: int) -> tuple[list[str], float]:
+    """Stream `body`; after its first 6 lines SIGKILL `pid`; read the stream to its end.
+    (every SSE line, the kill's time.monotonic())"""
+    lines: list[str] = []
+    async with client.stream("POST", url, json=body) as resp:
+        it = resp.aiter_lines()
+        async for line in it:
+            lines.append(line)
+            if len(lines) >= 6:
+                break
+        log(name, f"SIGKILL {what} (pid {pid}) during a stream")
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        lines += [ln async for ln in it]
+    return lines, killed
+
+
 async def kill_engine_core(layout: str, cfg: Any, url: str, client: httpx.AsyncClient,
                            plan: Plan, fig: Figures) -> None:
     name = f"engine_{layout}"
@@ -333,17 +351,7 @@ async def kill_engine_core(layout: str, cfg: Any, url: str, client: httpx.AsyncC
     core = tree[0]
     image = fresh_images(1, seed=900)[0]
     body = chat_body(cfg.model.id, image, plan.long_tokens)
-    lines: list[str] = []
-    async with client.stream("POST", url, json=body) as resp:
-        it = resp.aiter_lines()
-        async for line in it:
-            lines.append(line)
-            if len(lines) >= 6:
-                break
-        log(name, f"SIGKILL EngineCore (pid {core}) during a stream")
-        os.kill(core, signal.SIGKILL)
-        killed = time.monotonic()
-        lines += [ln async for ln in it]
+    lines, killed = await kill_during_stream(client, url, body, name, "EngineCore", core)
     fig.envelope[layout], code = ended_with_envelope(lines)
     # New requests: 503 with Retry-After while the engine is down, then 200. Nothing else.
     small = chat_body(cfg.model.id, image, 4) | NOT_STREAMED
@@ -400,18 +408,9 @@ async def kill_llm_server(cfg: Any, url: str, client: httpx.AsyncClient, plan: P
     before = {a._actor_id for a in replicas(cfg.app_name, "LLMServer")}
     image = fresh_images(1, seed=950)[0]
     bodies = [encoded(chat_body(cfg.model.id, img, 8)) for img in fresh_images(8, seed=960)]
-    lines: list[str] = []
-    async with client.stream("POST", url, json=chat_body(cfg.model.id, image,
-                                                         plan.long_tokens)) as resp:
-        it = resp.aiter_lines()
-        async for line in it:
-            lines.append(line)
-            if len(lines) >= 6:
-                break
-        log(name, f"SIGKILL LLMServer replica (pid {pid}) during a stream")
-        killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        lines += [ln async for ln in it]
+    lines, killed = await kill_during_stream(
+        client, url, chat_body(cfg.model.id, image, plan.long_tokens), name,
+        "LLMServer replica", pid)
     enveloped, code = ended_with_envelope(lines)
     fig.envelope[name] = enveloped and code == "engine_unavailable"
     failed, errors = await load(client, url, bodies, plan.concurrency)
