@@ -159,16 +159,20 @@ class S3Source:
 
         loop = asyncio.get_running_loop()
         for attempt in range(self._max_attempts):
+            started = time.monotonic()
             try:
                 return await loop.run_in_executor(self._pool, fn, *args, deadline)
             except (ClientError, BotoCoreError) as exc:
                 retry, error = _s3_error(exc, *args)
                 if not retry or attempt + 1 >= self._max_attempts:
                     raise error from exc
-                # Exponential backoff with equal jitter, never past the fetch deadline.
+                # Exponential backoff with equal jitter. No attempt that would end past the
+                # fetch deadline (taking as long as the last one did): the client gets S3's
+                # own error rather than the deadline's timeout.
                 step = min(self._max_backoff, self._base * 2**attempt)
                 delay = step / 2 + random.uniform(0, step / 2)
-                if time.monotonic() + delay >= deadline:
+                now = time.monotonic()
+                if now + delay + (now - started) >= deadline:
                     raise error from exc
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
