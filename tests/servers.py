@@ -17,11 +17,20 @@ from typing import Any
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A free TCP port on loopback (for servers the tests and load tests start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on loopback (for servers the tests and load tests start), never one
+    this process was given before: the kernel may hand a just-closed port out again, and a
+    test that takes several (a Ray head takes eleven) would then start two servers on it."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class ImageServer:

@@ -192,6 +192,21 @@ def _serve(cluster: Cluster, *args: str, timeout: float = 120) -> str:
     return out.stdout
 
 
+def _log_tails(log_dir: Path, lines: int = 12) -> str:
+    """The end of the cluster's Serve logs (controller, proxy, replicas) and of its raylet's:
+    what a stuck deploy was doing, for the failure message (the fixture deletes the temp dir)."""
+    logs = log_dir / "session_latest" / "logs"
+    paths = [*sorted((logs / "serve").glob("*.log")), logs / "raylet.out", logs / "gcs_server.out"]
+    out = []
+    for path in paths:
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        out.append(f"--- {path.relative_to(logs)}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 def _wait_running(cluster: Cluster, app_name: str) -> None:
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     status: Any = None
@@ -203,7 +218,8 @@ def _wait_running(cluster: Cluster, app_name: str) -> None:
         if app.get("status") == "DEPLOY_FAILED":
             pytest.fail(f"deploy failed:\n{yaml.safe_dump(status)}")
         time.sleep(5)
-    pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S:.0f} s:\n{yaml.safe_dump(status)}")
+    pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S:.0f} s:\n{yaml.safe_dump(status)}\n"
+                f"{_log_tails(cluster.log_dir)}")
 
 
 def _chat(client: httpx.Client, prefix: str, model: str, stream: bool) -> httpx.Response:
