@@ -17,7 +17,7 @@ from deployments.contract import EngineRequest, PreparedImage
 from deployments.logs import keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import Supervisor
 from handlers.config import IrisConfig
-from handlers.cpu_affinity import engine_process_cores, pinned
+from handlers.cpu_affinity import engine_process_cores, pinned, worker_bind, worker_threads
 from handlers.engine import VllmChatEngine
 from handlers.errors import EngineUnavailable, PixelsLost
 from handlers.events import EventStream
@@ -93,10 +93,12 @@ async def pixels(images: list[PreparedImage]) -> list[tuple[np.ndarray, str]]:
 
 
 async def start_engine(config: IrisConfig) -> VllmChatEngine:
-    """Start vLLM in this process, its core process on the cores Iris gave it."""
+    """Start vLLM in this process: its core process on the cores Iris gave the engine, its
+    worker's threads there and (engine.cpu_worker_threads) beside the replicas."""
     os.environ.update(config.engine.env)
     cores = engine_process_cores(config.engine, dict(os.environ))
-    with keep_serve_log_handlers(), pinned(cores):
+    threads = worker_threads(config.engine, cores)
+    with keep_serve_log_handlers(), pinned(cores), worker_bind(threads):
         engine = await VllmChatEngine.start(config)
     quiet_client_errors()  # after vLLM's logging setup
     return engine

@@ -144,7 +144,9 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     split = engine_core_split(cfg.engine)
     if split is not None:
         extra[OMP_BIND_ENV] = omp_bind(split[0])
-        print(f">> CPU engine worker on cores {split[0]}; Ray and the replicas on {split[1]}",
+        also = " (its worker's threads on every core)" if (
+            cfg.engine.cpu_worker_threads == "all") else ""
+        print(f">> CPU engine on cores {split[0]}{also}; Ray and the replicas on {split[1]}",
               flush=True)
     # Ray's processes inherit this environment and CPU affinity when they start; put them
     # back afterwards so other Ray clusters this process starts (tests) do not inherit them.

@@ -59,8 +59,17 @@ class EngineSettings(_Strict):
         description="CPU engines only (vLLM's CPU backend, one shard), applied when Iris "
         "starts Ray (`make serve`): the engine's worker and its core process (the scheduler, "
         "which takes turns with it) get the first cpu_cores cores, and Ray, with every "
-        "replica, the rest, so the worker's busy polling never shares a core with request "
-        "handling. auto: half the cores. off: leave placement to vLLM and the OS.",
+        "replica, the rest, so the scheduler never shares a core with request handling. "
+        "auto: half the cores. off: leave placement to vLLM and the OS.",
+    )
+    cpu_worker_threads: Literal["engine", "all"] = Field(
+        "engine",
+        description="With cpu_cores placing a CPU engine: where its worker's OpenMP threads "
+        "run. engine: only on the engine's cores. all: also one on each of the replicas' "
+        "cores, so the forward pass takes what request handling leaves idle (the scheduler, "
+        "Ray and the replicas stay where cpu_cores put them): better for conversations, "
+        "worse where decoding big images keeps those cores busy (docs/benchmarks.md, "
+        "compare-26 to 28).",
     )
 
     tool_call_parser: str | None = Field(

@@ -1,12 +1,16 @@
-"""Keep a CPU vLLM engine on cores of its own.
+"""Keep a CPU vLLM engine's scheduler on cores of its own.
 
 vLLM's CPU worker binds its OpenMP threads to fixed cores and busy-polls for its next
-batch. Every other process the OS lets onto those cores (Ray's raylet, the Serve
-replicas) interrupts it or waits behind it. When Iris starts Ray itself, it gives the
-worker the first `engine.cpu_cores` cores and starts Ray, and so every process Ray
-starts, on the rest. The exception is the engine's core process (vLLM's scheduler),
-which LLMServer starts on the worker's cores: the two take turns, so the scheduler runs
-when the worker polls instead of competing with request handling.
+batch; its engine core process (the scheduler) busy-polls for the worker's answers. When
+Iris starts Ray itself, it keeps the first `engine.cpu_cores` cores for the engine and
+starts Ray, and so every process Ray starts, on the rest. The engine replica starts the
+scheduler on the engine's cores, where it takes turns with the worker's thread there
+(both poll with sched_yield, which hands the core to the other) instead of competing with
+request handling. With `engine.cpu_worker_threads: all` the worker also gets one thread
+on each of the replicas' cores: the forward pass then takes the time request handling
+leaves idle there (compare-26/27: conversations 1.12-1.35x), but waits for its threads
+there whenever request handling is busy (compare-28: 12 MP images 0.74-0.85x). Hence
+opt-in.
 """
 
 from __future__ import annotations
@@ -66,6 +70,34 @@ def engine_process_cores(engine: EngineSettings, environ: dict[str, str]) -> lis
         return sorted({int(c) for c in bind.split(",")})
     except ValueError:  # vLLM's own forms (auto, nobind, 0-3|4-7): not Iris's
         return []
+
+
+def worker_threads(engine: EngineSettings, engine_cores: list[int]) -> list[int]:
+    """The cores for the CPU worker's OpenMP threads (one thread each), the engine's first:
+    its own, and with cpu_worker_threads all also this process's (an engine replica, on
+    Ray's cores). [] when Iris did not place the engine."""
+    if not engine_cores or engine.cpu_worker_threads == "engine":
+        return engine_cores
+    return engine_cores + [c for c in available_cores() if c not in engine_cores]
+
+
+@contextlib.contextmanager
+def worker_bind(cores: list[int]) -> Iterator[None]:
+    """VLLM_CPU_OMP_THREADS_BIND set to `cores` for the block (what the engine's processes
+    read when they start), put back afterwards: the replica's own value still names the
+    engine's cores when the engine is started again."""
+    if not cores:
+        yield
+        return
+    before = os.environ.get(OMP_BIND_ENV)
+    os.environ[OMP_BIND_ENV] = omp_bind(cores)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(OMP_BIND_ENV, None)
+        else:
+            os.environ[OMP_BIND_ENV] = before
 
 
 def _set_all_threads(cores: set[int]) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from handlers.cpu_affinity import split_cores
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -273,15 +274,40 @@ def _stop_and_check(run: Run) -> None:
     assert not left, "left running after the stop:\n" + _describe(left)
 
 
+def _chat_worker_cores(run: Run) -> set[int]:
+    """The cores the chat engine's vLLM worker threads are bound to (the worker under the
+    EngineCore that ChatIngress started; the encoder has one of its own)."""
+    run.remember_tree()
+    for proc in run.tree.values():
+        with contextlib.suppress(psutil.Error):
+            engine_core = proc.parent()
+            replica = engine_core.parent() if engine_core else None
+            if (proc.name().startswith("VLLM::Worker") and replica is not None
+                    and "ChatIngress" in " ".join(replica.cmdline())):
+                return {c for t in proc.threads() for c in os.sched_getaffinity(t.id)}
+    raise AssertionError("no chat engine worker among:\n" + _describe(list(run.tree.values())))
+
+
 @pytest.mark.timeout(1500)
 def test_start_ctrl_c_and_start_again_at_once() -> None:
+    """The second run also has the CPU worker's threads beside the replicas
+    (engine.cpu_worker_threads: all); infra/local.yaml places the engine (cpu_cores: auto)."""
     port, proxy_port, metrics_port = free_port(), free_port(), free_port()
     env = _env(IRIS_HTTP__PORT=str(port), IRIS_HTTP__PROXY_PORT=str(proxy_port),
                IRIS_METRICS_PORT=str(metrics_port))
+    cores = sorted(os.sched_getaffinity(0))
+    split = split_cores(cores, "auto")
     with serving(env) as (first, ready):
         _check_ready(first, ready, port, proxy_port, metrics_port)
+        if split is not None:
+            engine, others = split
+            assert f">> CPU engine on cores {engine}; Ray and the replicas on {others}" in (
+                first.lines), first.tail()
+            assert _chat_worker_cores(first) == set(engine)
         _stop_and_check(first)
     # Right away, on the same ports: the first run's connections may still be closing.
-    with serving(env) as (second, ready):
+    with serving({**env, "IRIS_ENGINE__CPU_WORKER_THREADS": "all"}) as (second, ready):
         _check_ready(second, ready, port, proxy_port, metrics_port)
+        if split is not None:
+            assert _chat_worker_cores(second) == set(cores)
         _stop_and_check(second)

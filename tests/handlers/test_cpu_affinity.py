@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from handlers import cpu_affinity
 from handlers.config import EngineSettings
 from handlers.cpu_affinity import (
     OMP_BIND_ENV,
@@ -14,6 +15,7 @@ from handlers.cpu_affinity import (
     omp_bind,
     pinned,
     split_cores,
+    worker_threads,
 )
 
 
@@ -44,6 +46,47 @@ def test_engine_process_joins_the_cores_init_ray_gave_the_worker() -> None:
     assert engine_process_cores(mine, {OMP_BIND_ENV: "0"}) == []
     for vllm_form in ("auto", "nobind", "0-3", "0-3|4-7"):
         assert engine_process_cores(placed, {OMP_BIND_ENV: vllm_form}) == []
+
+
+def test_the_worker_threads_run_beside_the_replicas_unless_told_not_to(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_affinity, "available_cores", lambda: [1, 2, 3])  # the replica's
+    placed = EngineSettings(cpu_cores="auto", cpu_worker_threads="all")
+    # The engine's cores first: vLLM binds its main thread to the first.
+    assert worker_threads(placed, [4, 0]) == [4, 0, 1, 2, 3]
+    assert worker_threads(placed, [1]) == [1, 2, 3]
+    own = EngineSettings(cpu_cores="auto")  # the default: the engine's cores only
+    assert own.cpu_worker_threads == "engine" and worker_threads(own, [4, 0]) == [4, 0]
+    assert worker_threads(placed, []) == []  # not placed by Iris: vLLM's own binding
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to pin to one")
+@pytest.mark.parametrize("threads", ["all", "engine"])
+async def test_the_engine_starts_with_its_scheduler_pinned_and_its_worker_bound(
+        monkeypatch: pytest.MonkeyPatch, threads: str) -> None:
+    """What the engine's processes inherit when the replica starts them (vLLM faked): the
+    scheduler's affinity and the worker's thread binding; the replica's own settings are
+    put back, so a restart places the engine the same way."""
+    from deployments import engine_host
+    from handlers.config import IrisConfig
+
+    seen: list[tuple[str | None, list[int]]] = []
+
+    async def fake_start(_: object) -> str:
+        seen.append((os.environ.get(OMP_BIND_ENV), sorted(os.sched_getaffinity(0))))
+        return "engine"
+
+    monkeypatch.setattr(engine_host.VllmChatEngine, "start", fake_start)
+    before = os.sched_getaffinity(0)
+    first, *rest = sorted(before)
+    monkeypatch.setenv(OMP_BIND_ENV, omp_bind([first]))  # what init_ray gave the engine
+    config = IrisConfig(engine={"cpu_cores": "auto", "cpu_worker_threads": threads})
+    for _ in range(2):  # the first start, and a restart
+        assert await engine_host.start_engine(config) == "engine"
+    bind = omp_bind([first, *rest]) if threads == "all" else omp_bind([first])
+    assert seen == [(bind, [first])] * 2
+    assert os.environ[OMP_BIND_ENV] == omp_bind([first]) and os.sched_getaffinity(0) == before
 
 
 def test_cpu_cores_must_be_positive() -> None:
