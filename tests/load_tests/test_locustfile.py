@@ -50,7 +50,9 @@ def test_conversations_resend_their_history_turn_after_turn(iris_apps: Any,
                                                             tmp_path: Path) -> None:
     """`--tags chat`: only conversations, each turn its own sample, none failing (a turn whose
     re-sent history the server refused would fail, and end its conversation)."""
-    rows, output = run_locust(iris_apps["local"].base, tmp_path / "chat", 12, "--tags", "chat")
+    # Locust's run time counts its start (~8 s making the same-image workloads' images on a
+    # busy machine), and a first turn (a new 1280x960 image) takes seconds: 12 s left none.
+    rows, output = run_locust(iris_apps["local"].base, tmp_path / "chat", 40, "--tags", "chat")
     posts = {name: r for (kind, name), r in rows.items() if kind == "POST"}
     assert {"chat-4turns turn 1", "chat-4turns turn 2"} <= set(posts), output
     assert all(n.startswith("chat-4turns turn ") for n in posts), sorted(posts)
