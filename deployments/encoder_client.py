@@ -10,14 +10,13 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.contract import ImagePixels
 from deployments.embedding_server import EmbedBatch
-from deployments.engine_host import pixels
 from deployments.images import ImagePreparer
 from deployments.ray_errors import client_error
 from deployments.retry import retrying
 from handlers.config import IrisConfig
 from handlers.embeddings import embedding_response, parse_embedding_request
 from handlers.encoder import Text
-from handlers.errors import InvalidRequest, ModelNotFound, PixelsLost
+from handlers.errors import InvalidRequest, ModelNotFound
 from handlers.moderation_head import load_head
 from handlers.moderation_request import parse_moderation_request
 from handlers.moderation_scoring import (
@@ -56,32 +55,28 @@ class EncoderClient:
     async def _embed(self, items: list[Text | ImageRef], dimensions: int | None,
                      deadline: float) -> tuple[list[list[float]], int]:
         """Vectors in item order. Images are prepared for the encoder first, and their
-        pixels sent by value (contract.ImagePixels); if the pixels were lost before this
-        process read them, they are prepared again, once."""
-        refs = [x for x in items if isinstance(x, ImageRef)]
-        for attempt in (1, 2):
-            prepared = await self._images.prepare_all(
-                refs, deadline, reuse=attempt == 1, target="encoder")
-            try:
-                arrays = iter(await pixels(prepared))
-                batch: list[Text | ImagePixels] = [
-                    ImagePixels(*next(arrays)) if isinstance(x, ImageRef) else x
-                    for x in items]
-                return await self._call_encoder(EmbedBatch(batch, dimensions), deadline)
-            except Exception as exc:
-                err = client_error(exc)
-                if not isinstance(err, PixelsLost) or attempt == 2:
-                    raise err from None
-                self._images.forget(err.uuids)
-        raise AssertionError("unreachable")
+        pixels sent by value (contract.ImagePixels)."""
+        prepared = iter(await self._images.prepare_all(
+            [x for x in items if isinstance(x, ImageRef)], deadline, target="encoder"))
+        batch: list[Text | ImagePixels] = []
+        for x in items:
+            if isinstance(x, ImageRef):
+                img = next(prepared)
+                batch.append(ImagePixels(img.pixels, img.uuid))
+            else:
+                batch.append(x)
+        return await self._call_encoder(EmbedBatch(batch, dimensions), deadline)
 
     async def _call_encoder(self, request: EmbedBatch, deadline: float
                             ) -> tuple[list[list[float]], int]:
         """An embedding is a pure function of its input: when the EmbeddingServer replica
         dies under the call, another one (or its replacement) answers it, within the
         request's deadline."""
-        result: tuple[list[list[float]], int] = await retrying(
-            "encoder", lambda: self._encoder.embed.remote(request), deadline)
+        try:
+            result: tuple[list[list[float]], int] = await retrying(
+                "encoder", lambda: self._encoder.embed.remote(request), deadline)
+        except Exception as exc:
+            raise client_error(exc) from None
         return result
 
     async def embeddings(self, body: Any, deadline: float) -> dict[str, Any]:

@@ -4,22 +4,19 @@ engine (deployments.engine_in_ingress)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from contextlib import aclosing
 from typing import Any
 
-import numpy as np
 import ray
-from ray.exceptions import ObjectLostError, RayActorError
 
-from deployments.contract import EngineRequest, PreparedImage
+from deployments.contract import EngineRequest
 from deployments.logs import keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import Supervisor
 from handlers.config import IrisConfig
 from handlers.cpu_affinity import engine_process_cores, pinned, worker_bind, worker_threads
 from handlers.engine import VllmChatEngine
-from handlers.errors import EngineUnavailable, PixelsLost
+from handlers.errors import EngineUnavailable
 from handlers.events import EventStream
 from handlers.stream_batch import batch_sse
 
@@ -40,9 +37,9 @@ class EngineHost:
 
     async def chat(self, request: EngineRequest) -> EventStream:
         """The engine's events for one request. Raises EngineUnavailable while the engine is
-        down, PixelsLost (before any output) when an image's pixels are gone."""
+        down."""
         engine = self._engine.serving()
-        pairs = await pixels(request.images)
+        pairs = [(img.pixels, img.uuid) for img in request.images]
         try:
             async with aclosing(batch_sse(engine.chat(request.body, pairs),
                                           self._batch_s)) as events:
@@ -72,24 +69,6 @@ class EngineHost:
 
     async def shutdown(self) -> None:
         await self._engine.shutdown()
-
-
-async def pixels(images: list[PreparedImage]) -> list[tuple[np.ndarray, str]]:
-    """The images' pixels from the object store (zero-copy on this node); PixelsLost if an
-    object is gone (its node died) or was never made (the preprocessor replica died between
-    yielding the image's metadata and its pixels: the pixels' ref then holds the actor's
-    death), so the caller may prepare them again."""
-    if not images:
-        return []
-    got = await asyncio.gather(*(img.pixels for img in images), return_exceptions=True)
-    lost = [img.uuid for img, arr in zip(images, got, strict=True)
-            if isinstance(arr, ObjectLostError | RayActorError)]
-    if lost:
-        raise PixelsLost(lost)
-    for arr in got:
-        if isinstance(arr, BaseException):
-            raise arr
-    return [(arr, img.uuid) for arr, img in zip(got, images, strict=True)]  # type: ignore[misc]
 
 
 async def start_engine(config: IrisConfig) -> VllmChatEngine:

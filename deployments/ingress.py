@@ -38,7 +38,6 @@ from handlers.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
-    PixelsLost,
     RequestTimeout,
 )
 from handlers.events import EngineEvent, EventStream, JsonAnswer
@@ -285,28 +284,19 @@ class ChatIngress:
         self, body: dict[str, Any], refs: list[ImageRef], deadline: float, started: float
     ) -> tuple[EngineEvent, EventStream]:
         """Prepare the images, send the request to the engine, and wait for its first
-        event. If an image's pixels were lost before the engine read them (their node
-        died), prepare them again and send the request once more."""
+        event."""
         body["request_id"] = f"{request_id()}-{uuid.uuid4().hex[:8]}"  # unique per engine
-        for attempt in (1, 2):
-            images = await self._images.prepare_all(refs, deadline, reuse=attempt == 1)
-            if refs and attempt == 1:
-                metrics().stage("images", time.perf_counter() - started)
-            sent = time.perf_counter()
-            stream = self._backend.chat(EngineRequest(body, images, affinity_key(body, images)))
-            try:
-                first = await anext(stream)
-            except PixelsLost as lost:
-                await stream.aclose()
-                self._images.forget(lost.uuids)
-                if attempt == 2:
-                    raise
-                continue
-            except StopAsyncIteration:
-                raise InternalError("The engine returned nothing.") from None
-            except BaseException:
-                await stream.aclose()
-                raise
-            metrics().stage("queue", time.perf_counter() - sent)
-            return first, stream
-        raise AssertionError("unreachable")
+        images = await self._images.prepare_all(refs, deadline)
+        if refs:
+            metrics().stage("images", time.perf_counter() - started)
+        sent = time.perf_counter()
+        stream = self._backend.chat(EngineRequest(body, images, affinity_key(body, images)))
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise InternalError("The engine returned nothing.") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        metrics().stage("queue", time.perf_counter() - sent)
+        return first, stream

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -74,10 +73,10 @@ class ImagePreprocessor:
     async def prepare(
         self, url: str, detail: Detail = "auto", budget_s: float | None = None,
         target: str = "chat",
-    ) -> AsyncIterator[ImageMeta | np.ndarray]:
-        """Streams the image's ImageMeta, then its pixels (HxWx3 uint8) as `target`'s model
-        ("chat" or "encoder") wants them. As items of the caller's streaming call, both
-        belong to the caller, not to this replica."""
+    ) -> tuple[ImageMeta, np.ndarray]:
+        """The image's ImageMeta and its pixels (HxWx3 uint8) as `target`'s model ("chat"
+        or "encoder") wants them. The return value of the caller's call belongs to the
+        caller, not to this replica."""
         deadline = time.monotonic() + (self._fetch_budget_s if budget_s is None else budget_s)
         rule = self._rules.get(target)
         if rule is None:
@@ -90,9 +89,7 @@ class ImagePreprocessor:
             # Concurrent requests for one image share a single decode.
             cached = await self._flight.run(
                 key, lambda: self._prepare(fetched, key, rule, detail, target))
-        meta, pixels = cached
-        yield meta
-        yield pixels
+        return cached
 
     async def _fetch(self, url: str, deadline: float) -> FetchedImage:
         if url[:5].lower() != "data:":

@@ -168,22 +168,6 @@ class EngineUnavailable(IrisError):
                    headers={"Retry-After": str(cls.RETRY_AFTER_S)})
 
 
-class PixelsLost(IrisError):
-    """A prepared image's pixels are gone from the object store (their node died). Raised
-    before the engine produced anything, so the caller may prepare them again and retry."""
-
-    status = 503
-    type = "server_error"
-    code = "image_pixels_lost"
-
-    def __init__(self, uuids: list[str], **kwargs: Any) -> None:
-        super().__init__("Prepared images were lost; retry.", **kwargs)
-        self.uuids = uuids
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (PixelsLost, (self.uuids,))
-
-
 class RequestTimeout(IrisError):
     status = 504
     type = "timeout_error"

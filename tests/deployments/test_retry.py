@@ -1,22 +1,16 @@
 """Idempotent stages are retried when their replica is gone (Ray's real exception classes),
-within the deadline, and nothing else is retried. Time is a fake clock. And pixels a dead
-preprocessor never made count as lost (a real actor that dies, on the session's Ray)."""
+within the deadline, and nothing else is retried. Time is a fake clock."""
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-from deployments.contract import ImageMeta, PreparedImage
-from deployments.engine_host import pixels
 from deployments.retry import retrying
-from handlers.errors import ImageNotFound, PixelsLost
+from handlers.errors import ImageNotFound
 
 
 class Clock:
@@ -74,32 +68,3 @@ async def test_retries_stop_before_the_deadline() -> None:
         await retrying("preprocess", call, deadline=3.0, clock=clock, sleep=clock.sleep)
     assert clock.now < 3.0  # no try was started past the deadline
     assert 1 < calls[0] < 100
-
-
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)
-class DiesBetweenMetaAndPixels:
-    """A preprocessor whose process dies, when told, after yielding an image's metadata."""
-
-    def __init__(self) -> None:
-        self._never = threading.Event()
-
-    def prepare(self) -> Iterator[ImageMeta]:
-        yield ImageMeta("u1", 2, 2)
-        self._never.wait()  # the pixels take a while: long enough to die meanwhile
-
-    def die(self) -> None:
-        os._exit(1)
-
-
-async def test_pixels_never_made_count_as_lost_so_the_image_is_prepared_again(
-        iris_apps: Any) -> None:
-    """Seen under chaos: the pixels' ref of a preprocessor that died mid-call holds its
-    death; the engine must say PixelsLost (prepared again once), not fail the request."""
-    actor = DiesBetweenMetaAndPixels.remote()  # type: ignore[attr-defined]
-    items = actor.prepare.options(num_returns="streaming").remote()
-    meta = await (await items.__anext__())
-    actor.die.remote()
-    lost_ref = await items.__anext__()
-    with pytest.raises(PixelsLost) as lost:
-        await pixels([PreparedImage(meta, lost_ref)])
-    assert lost.value.uuids == ["u1"]
