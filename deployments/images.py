@@ -6,7 +6,7 @@ ImagePreprocessor deployment, with the pixels owned by this process.
   process holds them, whatever becomes of the preprocessor replica that computed them (a
   crash, a scale-down). One unary call, not a stream of metadata then pixels: the pixels
   came back inline anyway (objects up to 4 MiB do), and one item per image costs the
-  ingress and the preprocessor less CPU (compare-25, compare-30).
+  ingress and the preprocessor less CPU (compare-25).
 - Retries: the call is idempotent, so it is retried when its replica dies (deployments.retry).
 - Recent data: URIs: the prepared images of recent data: URIs, by the URI's hash. A chat app
   re-sends its conversation's images every turn; a repeat skips the preprocessor round trip.
