@@ -9,7 +9,7 @@ scheduler on the engine's cores, where it takes turns with the worker's thread t
 request handling. With `engine.cpu_worker_threads: all` the worker also gets one thread
 on each of the replicas' cores: the forward pass then takes the time request handling
 leaves idle there (compare-26/27: conversations 1.12-1.35x), but waits for its threads
-there whenever request handling is busy (compare-28: 12 MP images 0.74-0.85x). Hence
+there whenever request handling is busy (compare-28/29: 12 MP images 0.74-0.88x). Hence
 opt-in.
 """
 
