@@ -183,13 +183,6 @@ class SizedLRU(Generic[T]):
             _, (_, evicted) = self._items.popitem(last=False)
             self._bytes -= evicted
 
-    def discard_where(self, drop: Callable[[T], bool]) -> int:
-        """Remove every entry whose value `drop` selects; how many were removed."""
-        keys = [k for k, (v, _) in self._items.items() if drop(v)]
-        for key in keys:
-            self._bytes -= self._items.pop(key)[1]
-        return len(keys)
-
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "bytes": self._bytes,
                 "entries": len(self._items), "max_bytes": self._max}
