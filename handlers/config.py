@@ -67,9 +67,10 @@ class EngineSettings(_Strict):
         description="With cpu_cores placing a CPU engine: where its worker's OpenMP threads "
         "run. engine: only on the engine's cores. all: also one on each of the replicas' "
         "cores, so the forward pass takes what request handling leaves idle (the scheduler, "
-        "Ray and the replicas stay where cpu_cores put them): better for conversations, "
-        "worse where decoding big images keeps those cores busy (docs/benchmarks.md, "
-        "compare-26 to 28).",
+        "Ray and the replicas stay where cpu_cores put them): conversations 1.5x, "
+        "never-seen images even (docs/benchmarks.md, compare-34; infra/local.yaml's "
+        "choice). Earlier runs, with more CPU per image in the replicas, had it losing on "
+        "big images (compare-28).",
     )
 
     tool_call_parser: str | None = Field(

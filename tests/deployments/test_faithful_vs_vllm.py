@@ -9,6 +9,7 @@ import openai
 import pytest
 from PIL import Image
 
+from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, worker_threads
 from tests.images import data_uri, encode, exif_orientation, pattern
 from tests.reference import VllmReferenceServer
 from tests.servers import free_port
@@ -23,11 +24,22 @@ from tests.support import (
 )
 
 
+def worker_placement(engine: Any) -> dict[str, str]:
+    """The reference's worker threads where Iris's are (engine.cpu_cores and
+    cpu_worker_threads): kernels split their sums by thread count, so float32 logprobs only
+    match to the last bit between engines running as many threads."""
+    split = engine_core_split(engine)
+    if split is None:
+        return {}
+    return {OMP_BIND_ENV: omp_bind(worker_threads(engine, split[0]))}
+
+
 @pytest.fixture(scope="module")
 def reference(iris_apps: Any) -> Iterator[openai.OpenAI]:
     # One for both layouts, started after Iris is up so the engines don't fight for the 2
     # cores at load.
-    server = VllmReferenceServer(MODEL_DIR, MODEL, free_port(), ENGINE_ENV)
+    env = {**ENGINE_ENV, **worker_placement(iris_apps["local"].config.engine)}
+    server = VllmReferenceServer(MODEL_DIR, MODEL, free_port(), env)
     try:
         server.wait_ready()
         yield openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=300)

@@ -290,8 +290,8 @@ def _chat_worker_cores(run: Run) -> set[int]:
 
 @pytest.mark.timeout(1500)
 def test_start_ctrl_c_and_start_again_at_once() -> None:
-    """The second run also has the CPU worker's threads beside the replicas
-    (engine.cpu_worker_threads: all); infra/local.yaml places the engine (cpu_cores: auto)."""
+    """infra/local.yaml places the engine (cpu_cores: auto) with its worker's threads on
+    every core (cpu_worker_threads: all); the second run keeps them on the engine's cores."""
     port, proxy_port, metrics_port = free_port(), free_port(), free_port()
     env = _env(IRIS_HTTP__PORT=str(port), IRIS_HTTP__PROXY_PORT=str(proxy_port),
                IRIS_METRICS_PORT=str(metrics_port))
@@ -301,13 +301,13 @@ def test_start_ctrl_c_and_start_again_at_once() -> None:
         _check_ready(first, ready, port, proxy_port, metrics_port)
         if split is not None:
             engine, others = split
-            assert f">> CPU engine on cores {engine}; Ray and the replicas on {others}" in (
-                first.lines), first.tail()
-            assert _chat_worker_cores(first) == set(engine)
+            assert (f">> CPU engine on cores {engine} (its worker's threads on every core); "
+                    f"Ray and the replicas on {others}") in first.lines, first.tail()
+            assert _chat_worker_cores(first) == set(cores)
         _stop_and_check(first)
     # Right away, on the same ports: the first run's connections may still be closing.
-    with serving({**env, "IRIS_ENGINE__CPU_WORKER_THREADS": "all"}) as (second, ready):
+    with serving({**env, "IRIS_ENGINE__CPU_WORKER_THREADS": "engine"}) as (second, ready):
         _check_ready(second, ready, port, proxy_port, metrics_port)
         if split is not None:
-            assert _chat_worker_cores(second) == set(cores)
+            assert _chat_worker_cores(second) == set(split[0])
         _stop_and_check(second)
