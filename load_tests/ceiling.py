@@ -39,12 +39,15 @@ from load_tests import compare
 from load_tests.compare import ROOT, Bench, measure, quiet, rotated, workloads
 from load_tests.cpu import CpuMeter
 from load_tests.workload import (
+    DONE,
     Images,
     Result,
     StreamResult,
     Workload,
     chat_body,
+    delta_text,
     question_list,
+    sse_chunk,
 )
 
 CEILING = "engine-alone"
@@ -67,18 +70,14 @@ def sse_pieces(text: str) -> tuple[str, dict[str, Any] | None, bool]:
     """(content, usage, done) of one or more SSE frames of vLLM's chat stream."""
     content, usage, done = "", None, False
     for line in text.splitlines():
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: "):]
-        if data == "[DONE]":
+        chunk = sse_chunk(line)
+        if chunk == DONE:
             done = True
-            continue
-        chunk = json.loads(data)
-        if "error" in chunk:
-            raise RuntimeError(chunk["error"].get("message"))
-        usage = chunk.get("usage") or usage
-        choices = chunk.get("choices") or [{}]
-        content += (choices[0].get("delta") or {}).get("content") or ""
+        elif isinstance(chunk, dict):
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"].get("message"))
+            usage = chunk.get("usage") or usage
+            content += delta_text(chunk)
     return content, usage, done
 
 

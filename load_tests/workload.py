@@ -327,6 +327,24 @@ def make_plan(model: str, workload: Workload, images: Images | None = None,
     return Plan(bodies=[once[url(i)] for i in range(n)])
 
 
+DONE = "[DONE]"
+
+
+def sse_chunk(line: str) -> dict[str, Any] | str | None:
+    """One line of an OpenAI chat stream: its chunk, DONE at the end, None for anything else
+    (blank lines, comments)."""
+    if not line.startswith("data: "):
+        return None
+    data = line[len("data: "):]
+    return DONE if data == DONE else json.loads(data)
+
+
+def delta_text(chunk: dict[str, Any]) -> str:
+    """The answer's text in a chunk ("" for none)."""
+    choices = chunk.get("choices") or [{}]
+    return (choices[0].get("delta") or {}).get("content") or ""
+
+
 async def stream_chat(client: httpx.AsyncClient, url: str,
                       body: dict[str, Any] | bytes) -> StreamResult:
     """One streaming chat request; any non-200, error event or missing [DONE] fails it."""
@@ -342,13 +360,12 @@ async def stream_chat(client: httpx.AsyncClient, url: str,
                 return res
             done = False
             async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
+                chunk = sse_chunk(line)
+                if chunk == DONE:
                     done = True
                     break
-                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    continue
                 if "error" in chunk:
                     res.error = f"stream error: {chunk['error'].get('message')}"
                     return res
@@ -357,8 +374,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str,
                     res.first_chunk_s = now
                 if chunk.get("usage"):
                     res.usage = chunk["usage"]
-                choices = chunk.get("choices") or [{}]
-                piece = (choices[0].get("delta") or {}).get("content")
+                piece = delta_text(chunk)
                 if piece:
                     res.text += piece
                     if res.first_token_s is None:
