@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from load_tests import compare
-from load_tests.compare import ROOT, Bench, measure, quiet, rotated, workloads
+from load_tests.compare import ROOT, Bench, rotated, workloads
 from load_tests.cpu import CpuMeter
 from load_tests.workload import (
     DONE,
@@ -257,18 +257,9 @@ def engine_alone(loads: list[Workload], kind: str, args: argparse.Namespace, see
 
 def vllm_side(loads: list[Workload], out: Path, round_: int, args: argparse.Namespace,
               bench: Bench) -> None:
+    """vLLM's own servers (chat, pooling) one after the other, each on its workloads."""
     for peer in dict.fromkeys(peer_of(w) for w in loads):
-        server = compare.servers([peer], {})[0]
-        log = out / f"{peer}-{round_ + 1}.log"
-        print(f">> [{peer}] round {round_ + 1}/{args.rounds}: starting (log: {log})",
-              flush=True)
-        server.start(log)
-        try:
-            print(f">> [{peer}] ready after {server.wait_ready():.0f} s", flush=True)
-            quiet(server)
-            measure(bench, server, [w for w in loads if peer_of(w) == peer], round_)
-        finally:
-            server.stop()
+        compare.run_server(compare.servers([peer], {})[0], loads, round_, args.rounds, out, bench)
 
 
 Combined = dict[tuple[str, str], dict[str, Any]]

@@ -607,22 +607,28 @@ def run_in_turn(targets: list[str], make: Callable[[str], Server], loads: list[W
     """One server at a time: start it, run every workload, stop it; round after round."""
     plan = [(k, t) for k in range(args.rounds) for t in rotated(targets, k)]
     for k, server in ((k, make(t)) for k, t in plan):
-        log = out / (f"{server.name}.log" if args.rounds == 1 else f"{server.name}-{k + 1}.log")
-        print(f">> [{server.name}] round {k + 1}/{args.rounds}: starting on port {server.port} "
-              f"(log: {log})", flush=True)
-        server.start(log)
-        try:
-            print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
-            idle, waited = quiet(server)
-            bench.idle.setdefault(server.name, []).append(idle)
-            print(f">> [{server.name}] idle CPU: {idle} ms per second (after {waited:.0f} s)",
-                  flush=True)
-            measure(bench, server, loads, k)
-        except Exception as exc:
-            print(f">> [{server.name}] failed: {exc}", flush=True)
-        finally:
-            print(f">> [{server.name}] stopping", flush=True)
-            server.stop()
+        run_server(server, loads, k, args.rounds, out, bench)
+
+
+def run_server(server: Server, loads: list[Workload], round_: int, rounds: int, out: Path,
+               bench: Bench) -> None:
+    """Start `server`, wait until it is ready and idle, run the workloads it serves, stop it."""
+    log = out / (f"{server.name}.log" if rounds == 1 else f"{server.name}-{round_ + 1}.log")
+    print(f">> [{server.name}] round {round_ + 1}/{rounds}: starting on port {server.port} "
+          f"(log: {log})", flush=True)
+    server.start(log)
+    try:
+        print(f">> [{server.name}] ready after {server.wait_ready():.0f} s", flush=True)
+        idle, waited = quiet(server)
+        bench.idle.setdefault(server.name, []).append(idle)
+        print(f">> [{server.name}] idle CPU: {idle} ms per second (after {waited:.0f} s)",
+              flush=True)
+        measure(bench, server, loads, round_)
+    except Exception as exc:
+        print(f">> [{server.name}] failed: {exc}", flush=True)
+    finally:
+        print(f">> [{server.name}] stopping", flush=True)
+        server.stop()
 
 
 def quiet(server: Server, below_ms: float = 300, longest_s: float = 90) -> tuple[float, float]:
