@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from deployments.progress import (
@@ -73,6 +74,15 @@ RAY_TUNING_ENV = {
 
 # Where to reach a server bound to a wildcard address.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel hands out for outgoing connections (32768-60999 on Linux)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
 
 
 def _socket(host: str) -> socket.socket:
@@ -256,7 +266,11 @@ def start(cfg: IrisConfig, *, num_cpus: int | None = None) -> Serving:
     wait_until_running(cfg.app_name, startup_notes(cfg), t0)
     if direct and not _ingress_answers(http.host, http.port):
         # Serve moves an ingress replica that cannot bind its port to the next one.
-        print(f">> ChatIngress could not take {http.host}:{http.port} (in use?); clients "
+        eph = ephemeral_ports()
+        why = (f"; {eph.start}-{eph.stop - 1} are also the ports of outgoing connections, "
+               f"one may have taken it: choose a port below {eph.start}"
+               if http.port in eph else "")
+        print(f">> ChatIngress could not take {http.host}:{http.port} (in use?{why}); clients "
               f"reach Iris through Serve's proxy on port {proxy_port} instead", flush=True)
         return Serving(proxy_port, metrics_port)
     if not direct and not _ingress_answers(http.host, proxy_port, wait_s=30.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import random
 import socket
 import ssl
 import threading
@@ -14,23 +15,38 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from deployments.run import ephemeral_ports
+
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
 _handed_out: set[int] = set()
+# Ray's workers listen on 10002-19999 by default (min/max_worker_port).
+_LOWEST_PORT = 20000
 
 
 def free_port() -> int:
     """A free TCP port on loopback (for servers the tests and load tests start), never one
-    this process was given before: the kernel may hand a just-closed port out again, and a
-    test that takes several (a Ray head takes eleven) would then start two servers on it."""
+    this process was given before.
+
+    Below the kernel's ephemeral range: a port from that range can be taken, between this
+    call and the server's bind, by any outgoing connection on the machine, and Ray and vLLM
+    open hundreds while an app starts (a direct ingress that binds a minute later then finds
+    it in use; CI saw it). Never one handed out before: a test that takes several (a Ray head
+    takes eleven) would otherwise start two servers on one."""
+    top = max(ephemeral_ports().start, _LOWEST_PORT + 1000)
     while True:
+        port = random.randrange(_LOWEST_PORT, top)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                # Without SO_REUSEADDR: a port still in TIME_WAIT is skipped too.
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 class ImageServer:

@@ -16,6 +16,7 @@ from deployments.run import (
     SLOW_STARTUP_S,
     PortInUse,
     _ingress_answers,
+    ephemeral_ports,
     holding,
     init_ray,
 )
@@ -226,3 +227,16 @@ def test_ingress_probe_leaves_no_time_wait_on_the_ingress_port() -> None:
     assert not thread.is_alive()
     assert closed_first == ["client"]
     assert _bindable(port)
+
+
+def test_test_servers_get_ports_that_outgoing_connections_never_take() -> None:
+    """A port from the range the kernel picks outgoing connections' ports from can be taken
+    by one between free_port() and a server's bind a minute later (make serve's test saw
+    its direct ingress refused so)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.create_connection(
+        listener.getsockname()
+    ) as outgoing:
+        assert outgoing.getsockname()[1] in ephemeral_ports()
+    ports = [free_port() for _ in range(200)]
+    assert not [p for p in ports if p in ephemeral_ports()]
+    assert len(set(ports)) == len(ports)
