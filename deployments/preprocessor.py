@@ -17,7 +17,13 @@ from deployments.metrics import metrics
 from deployments.retry import retrying
 from handlers.cache import SingleFlight, SizedLRU
 from handlers.config import IrisConfig
-from handlers.imaging import PreparedPixels, configure_threads, prepare_image, warm_up
+from handlers.imaging import (
+    PreparedPixels,
+    configure_threads,
+    keep_pixel_blocks,
+    prepare_image,
+    warm_up,
+)
 from handlers.media import FetchedImage, decode_data_uri, finish
 from handlers.protocol import Detail
 from handlers.resize_rules import ResizeRule, rule_from
@@ -56,6 +62,7 @@ class ImagePreprocessor:
         threads = _assigned_cpus()
         # One torch thread per worker: parallelism comes from the workers, not inside a resize.
         configure_threads(1)
+        keep_pixel_blocks(threads)
         self._pool = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="iris-prep",
             initializer=configure_threads, initargs=(1,),

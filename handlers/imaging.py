@@ -100,6 +100,20 @@ def check_size(width: int, height: int) -> None:
     check_aspect(width, height)
 
 
+def keep_pixel_blocks(workers: int) -> None:
+    """For a process that decodes big images on `workers` threads (the preprocessor).
+
+    Pillow keeps an image in blocks of at most 16 MiB by default. In one block, its rows are
+    contiguous and `_decode` borrows their memory (Arrow's C data interface) instead of
+    packing a copy: np.asarray spends ~28 ms packing a 12 MP image into 36 MB, a third of
+    its JPEG decode. A block that big is a fresh mmap for each image, whose page faults
+    cost as much again, unless Pillow keeps freed blocks for the next image: one per
+    worker. Pillow allocates what an image needs, not the block size; the blocks it keeps
+    (each as big as a recent image) it shrinks to the next image's size."""
+    Image.core.set_block_size(1 << 30)
+    Image.core.set_blocks_max(max(1, workers))
+
+
 def configure_threads(n: int = 1) -> None:
     """Intra-op threads for torch's resize. One per worker thread is best on small replicas:
     parallelism comes from resizing several images at once, and the resize is a small part
@@ -201,6 +215,9 @@ def draft_scale(
 
 
 def _decode(img: Image.Image, orientation: int, size: int) -> np.ndarray:
+    """HxWx4 uint8: RGB and a padding channel, Pillow's own memory, not copied (HxWx3
+    where Pillow cannot lend it). `rgb_of` drops the padding after the resize, where there
+    are fewer pixels to copy."""
     # Feed the decoder everything in one call (Pillow reads 64 KiB at a time): the GIL is
     # released per call, and each re-acquire can wait a switch interval (5 ms) when
     # another thread is busy. PNG still goes IDAT chunk by chunk.
@@ -209,7 +226,33 @@ def _decode(img: Image.Image, orientation: int, size: int) -> np.ndarray:
     img.load()
     if orientation != 1:
         img = img.transpose(_TRANSPOSE[orientation])  # what exif_transpose does
-    return np.asarray(to_rgb(img), dtype=np.uint8)
+    rgb = to_rgb(img)
+    w, h = rgb.size
+    import pyarrow as pa
+
+    try:
+        # The borrowed memory stays valid after `rgb` is gone (Pillow counts the loan).
+        flat = pa.array(rgb).flatten()
+    except ValueError:  # rows in several blocks (see keep_pixel_blocks)
+        flat = None
+    if flat is None or len(flat) != h * w * 4:
+        return np.asarray(rgb, dtype=np.uint8)
+    lent: np.ndarray = flat.to_numpy(zero_copy_only=True)
+    return lent.reshape(h, w, 4)
+
+
+def rgb_of(pixels: np.ndarray) -> np.ndarray:
+    """HxWx3 C-contiguous uint8 from `_decode`'s or a resize's HxWx3 or HxWx4."""
+    if pixels.shape[2] == 4:
+        import cv2
+
+        # 30x numpy's strided copy. One thread: parallelism comes from preparing images
+        # at once.
+        if cv2.getNumThreads() != 1:
+            cv2.setNumThreads(1)
+        rgb: np.ndarray = cv2.cvtColor(pixels, cv2.COLOR_RGBA2RGB)
+        return rgb
+    return np.ascontiguousarray(pixels)
 
 
 def _guarded(fn: Callable[..., T], *args: Any) -> T:
@@ -228,14 +271,16 @@ def decode_rgb(data: bytes, max_decoded_pixels: int = 100_000_000) -> np.ndarray
     """HxWx3 uint8 at full size: what vLLM's loader gives the processor for these bytes."""
     img = open_image(data, max_decoded_pixels)
     check_size(*img.size)
-    return _guarded(_decode, img, exif_orientation(img), len(data))
+    return rgb_of(_guarded(_decode, img, exif_orientation(img), len(data)))
 
 
 def _resize_exact(rgb: np.ndarray, height: int, width: int,
                   interpolation: str = "bicubic") -> np.ndarray:
-    """The same call the torchvision-backed HF processor makes, on uint8 CHW."""
+    """The same call the torchvision-backed HF processor makes, on uint8 CHW. Channels are
+    resized independently: a padding channel in `rgb` changes no RGB value, and 4 channels
+    are what torch's uint8 kernel works on anyway (it copies 3 into 4)."""
     if rgb.shape[0] == height and rgb.shape[1] == width:
-        return rgb  # tvF.resize returns its input unchanged too.
+        return rgb_of(rgb)  # tvF.resize returns its input unchanged too.
     import torch
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
@@ -247,7 +292,7 @@ def _resize_exact(rgb: np.ndarray, height: int, width: int,
     # torch releases the GIL inside the kernel.
     out = tvF.resize(chw, [height, width], interpolation=InterpolationMode(interpolation),
                      antialias=True)
-    return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
+    return rgb_of(out.permute(1, 2, 0).numpy())
 
 
 def _resize_drafted(rgb: np.ndarray, height: int, width: int, scale: int,
@@ -266,7 +311,7 @@ def _resize_drafted(rgb: np.ndarray, height: int, width: int, scale: int,
     out = torch.ops.aten._upsample_bicubic2d_aa.default(
         nchw, [height, width], False, scale * height / src_height, scale * width / src_width
     )
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    return rgb_of(out[0].permute(1, 2, 0).numpy())
 
 
 def prepare_image(

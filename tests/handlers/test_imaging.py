@@ -1,14 +1,23 @@
 from __future__ import annotations
 
+import gc
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from handlers.errors import ImageError, ImageTooLarge
-from handlers.imaging import ProcessorGeometry, prepare_image, smart_resize
-from tests.images import encode, pattern
+from handlers.imaging import (
+    ProcessorGeometry,
+    _decode,
+    keep_pixel_blocks,
+    open_image,
+    prepare_image,
+    smart_resize,
+)
+from tests.images import encode, natural, pattern
 
 GEO = ProcessorGeometry(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)
 
@@ -98,3 +107,49 @@ def test_warm_up_runs_the_resize_path() -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture
+def preprocessor_blocks() -> Iterator[None]:
+    """Pillow's allocator as the preprocessor sets it (keep_pixel_blocks), then as it was."""
+    size, kept = Image.core.get_block_size(), Image.core.get_blocks_max()
+    keep_pixel_blocks(2)
+    try:
+        yield
+    finally:
+        Image.core.set_blocks_max(kept)
+        Image.core.set_block_size(size)
+
+
+@pytest.mark.parametrize("exif", [1, 6])
+def test_a_12mp_photo_lent_by_pillow_prepares_as_one_copied_out(
+    preprocessor_blocks: None, exif: int,
+) -> None:
+    """The preprocessor borrows a big image's memory from Pillow instead of copying it out;
+    the pixels it prepares are the same, EXIF rotation included."""
+    meta = Image.Exif()
+    meta[0x0112] = exif
+    data = encode(natural(4000, 3000, seed=5), "JPEG", quality=90, exif=meta.tobytes())
+    lent = _decode(open_image(data, 10**8), exif, len(data))
+    assert lent.shape[2] == 4 and not lent.flags.owndata  # Pillow's memory, not a copy
+    got = prep(data)
+    Image.core.set_block_size(16 << 20)  # Pillow's default: a 12 MP image in 3 blocks
+    copied = _decode(open_image(data, 10**8), exif, len(data))
+    assert copied.shape[2] == 3
+    assert np.array_equal(got, prep(data))
+    assert np.array_equal(lent[..., :3], copied)
+
+
+def test_lent_pixels_outlive_their_image_while_pillow_reuses_blocks(
+    preprocessor_blocks: None,
+) -> None:
+    """Pillow counts the loan: the block is neither freed nor handed to the next image
+    while the array that borrowed it lives."""
+    data = [encode(natural(2000, 1500, seed=s), "JPEG") for s in range(4)]
+    lent = _decode(open_image(data[0], 10**8), 1, len(data[0]))
+    want = lent.copy()
+    for _ in range(2):  # the next images take (and give back) every block Pillow keeps
+        others = [_decode(open_image(d, 10**8), 1, len(d)) for d in data[1:]]
+        del others
+        gc.collect()
+    assert np.array_equal(lent, want)
