@@ -158,6 +158,11 @@ class S3Source:
         from botocore.exceptions import BotoCoreError, ClientError
 
         loop = asyncio.get_running_loop()
+        # An attempt is expected to take twice the slowest so far, and never less than a tenth
+        # of the fetch's budget: a retry squeezed into the deadline's last moments would most
+        # likely end in the deadline's timeout instead of S3's own, more telling, error.
+        floor = self._s.total_timeout_s / 10
+        slowest = 0.0
         for attempt in range(self._max_attempts):
             started = time.monotonic()
             try:
@@ -166,13 +171,13 @@ class S3Source:
                 retry, error = _s3_error(exc, *args)
                 if not retry or attempt + 1 >= self._max_attempts:
                     raise error from exc
-                # Exponential backoff with equal jitter. No attempt that would end past the
-                # fetch deadline (taking as long as the last one did): the client gets S3's
-                # own error rather than the deadline's timeout.
+                # Exponential backoff with equal jitter; no attempt that would end past the
+                # fetch deadline: the client gets S3's error rather than the deadline's timeout.
                 step = min(self._max_backoff, self._base * 2**attempt)
                 delay = step / 2 + random.uniform(0, step / 2)
                 now = time.monotonic()
-                if now + delay + (now - started) >= deadline:
+                slowest = max(slowest, now - started)
+                if now + delay + max(2 * slowest, floor) >= deadline:
                     raise error from exc
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")

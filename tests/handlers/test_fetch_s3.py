@@ -138,10 +138,13 @@ async def test_throttling_and_5xx_are_retried(s3: S3Server, code: str, status: i
 
 async def test_retries_stop_before_the_deadline(s3: S3Server) -> None:
     url = s3.put(_bucket(), "down.png", PNG)
-    settings = FetchSettings(s3_allowed_buckets=["*"], total_timeout_s=0.5)
+    # Two seconds: the last attempt starts at least 0.2 s before the deadline, more than a
+    # loaded CI machine's stalls (0.5 s once left too little).
+    settings = FetchSettings(s3_allowed_buckets=["*"], total_timeout_s=2.0)
     client = CountingS3(s3.client())
     client.fail["head_object"] = [client_error("SlowDown", 503) for _ in range(100)]
-    source = S3Source(settings, lambda: client, max_attempts=100, backoff_base_s=0.05)
+    source = S3Source(settings, lambda: client, max_attempts=100, backoff_base_s=0.05,
+                      backoff_max_s=0.2)
     async with Fetcher(settings, {"s3": source}) as f:
         with pytest.raises((UpstreamUnavailable, FetchTimeout)) as info:
             await f.fetch(url)
