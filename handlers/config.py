@@ -185,7 +185,8 @@ class FetchSettings(_Strict):
 # noise 31 dB at 1.5x / 37 dB at 2x / 41 dB at 2.5x, 2 px text 33 / 36 / 38 dB. 2.0 keeps
 # photos above 40 dB, so it does not draft a 12 MP photo for a ~1 MP target (1/2 scale is
 # only 1.74x a Qwen2-VL target of 1148x868): `fast` then helps low detail and bigger photos;
-# 1.5 drafts 12 MP photos too.
+# 1.5 drafts 12 MP photos too, but saves only ~15% of a q90 one's decode (the Huffman
+# decoding of the whole file stays; docs/benchmarks.md, compare-37).
 FAST_MIN_HEADROOM = 2.0
 
 
