@@ -183,10 +183,10 @@ class FetchSettings(_Strict):
 # the closer the draft is to the target, the more fine detail differs. Measured PSNR
 # against exact (geometry-aligned resize): photo-like content >= 44 dB from 1.1x, white
 # noise 31 dB at 1.5x / 37 dB at 2x / 41 dB at 2.5x, 2 px text 33 / 36 / 38 dB. 2.0 keeps
-# photos above 40 dB, so it does not draft a 12 MP photo for a ~1 MP target (1/2 scale is
-# only 1.74x a Qwen2-VL target of 1148x868): `fast` then helps low detail and bigger photos;
-# 1.5 drafts 12 MP photos too, but saves only ~15% of a q90 one's decode (the Huffman
-# decoding of the whole file stays; docs/benchmarks.md, compare-37).
+# photos above 40 dB, so it does not draft a 12 MP photo for a ~1 MP target (1/2 scale of
+# 4000x3000 is only 1.74x Qwen2-VL's 1148x840 for it): `fast` then helps low detail and
+# bigger photos. 1.5 drafts 12 MP photos too, but saves only ~15% of a q90 one's decode
+# (the Huffman decoding of the whole file stays; docs/benchmarks.md, compare-37).
 FAST_MIN_HEADROOM = 2.0
 
 
