@@ -8,6 +8,8 @@ ImagePreprocessor deployment, with the pixels owned by this process.
   came back inline anyway (objects up to 4 MiB do), and one item per image costs the
   ingress and the preprocessor less CPU (compare-25).
 - Retries: the call is idempotent, so it is retried when its replica dies (deployments.retry).
+- data: URIs in this process (deployments.data_uris_in_ingress): their bytes are here
+  already, so preparing them here saves a Ray call and a process per image.
 - Recent data: URIs: the prepared images of recent data: URIs, by the URI's hash. A chat app
   re-sends its conversation's images every turn; a repeat skips the preprocessor round trip.
 """
@@ -22,6 +24,7 @@ from blake3 import blake3  # a third of SHA-256's time on a 9 MB URI, still coll
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contract import ImageMeta, PreparedImage
+from deployments.preprocessor import Preparation
 from deployments.ray_errors import client_error
 from deployments.retry import retrying
 from handlers.cache import SizedLRU
@@ -51,6 +54,10 @@ class ImagePreparer:
         self._prep = preprocessor
         self._limits = config.limits
         self._recent: SizedLRU[PreparedImage] = SizedLRU(config.imaging.cache_max_bytes)
+        # data: URIs prepared here (deployments.data_uris_in_ingress); no second cache of
+        # their pixels, as _recent holds them.
+        self._local = (Preparation(config.for_cpu_tier(), None, cache_max_bytes=0)
+                       if config.deployments.data_uris_in_ingress else None)
 
     async def prepare_all(
         self, refs: list[ImageRef], deadline: float, *, target: Target = "chat",
@@ -90,7 +97,10 @@ class ImagePreparer:
     async def _call(self, ref: ImageRef, deadline: float, target: Target) -> PreparedImage:
         budget = max(0.0, deadline - time.monotonic())
         meta: ImageMeta
-        meta, pixels = await self._prep.prepare.remote(ref.url, ref.detail, budget, target)
+        if self._local is not None and ref.url[:5].lower() == "data:":
+            meta, pixels = await self._local.prepare(ref.url, ref.detail, budget, target)
+        else:
+            meta, pixels = await self._prep.prepare.remote(ref.url, ref.detail, budget, target)
         return PreparedImage(meta, pixels)
 
     def stats(self) -> dict[str, int]:

@@ -37,10 +37,13 @@ def _assigned_cpus() -> int:
     return max(1, round(cpus))
 
 
-@serve.deployment(name="ImagePreprocessor")
-class ImagePreprocessor:
-    def __init__(self, config: IrisConfig, fetcher: DeploymentHandle) -> None:
-        quiet_client_errors()
+class Preparation:
+    """Bytes to pixels for each served model, with a cache of recent results: the
+    ImagePreprocessor deployment's work, and (deployments.data_uris_in_ingress) the
+    ingress's own for data: URIs. `fetcher` is None where only data: URIs come."""
+
+    def __init__(self, config: IrisConfig, fetcher: DeploymentHandle | None,
+                 cache_max_bytes: int | None = None) -> None:
         self._cfg = config.imaging
         self._fetcher = fetcher
         self._fetch_budget_s = config.fetch.total_timeout_s
@@ -73,7 +76,7 @@ class ImagePreprocessor:
         self._max_image_bytes = config.fetch.max_image_bytes
         # Resized pixels of recent images, in this process's memory, by content and size.
         self._cache: SizedLRU[tuple[ImageMeta, np.ndarray]] = SizedLRU(
-            self._cfg.cache_max_bytes
+            self._cfg.cache_max_bytes if cache_max_bytes is None else cache_max_bytes
         )
         self._flight = SingleFlight()
 
@@ -100,8 +103,11 @@ class ImagePreprocessor:
 
     async def _fetch(self, url: str, deadline: float) -> FetchedImage:
         if url[:5].lower() != "data:":
+            if self._fetcher is None:
+                raise ValueError("only data: URIs are prepared here")
+            fetcher = self._fetcher
             fetched: FetchedImage = await retrying(
-                "fetch", lambda: self._fetcher.fetch.remote(url), deadline)
+                "fetch", lambda: fetcher.fetch.remote(url), deadline)
             return fetched
         # data: URIs carry their bytes: decoding here (same rules, handlers.media) saves
         # shipping megabytes to the fetcher and back.
@@ -140,5 +146,15 @@ class ImagePreprocessor:
         self._cache.put(key, (meta, pixels.array), pixels.array.nbytes)
         return meta, pixels.array
 
-    async def stats(self) -> dict[str, int]:
+    def cache_stats(self) -> dict[str, int]:
         return self._cache.stats()
+
+
+@serve.deployment(name="ImagePreprocessor")
+class ImagePreprocessor(Preparation):
+    def __init__(self, config: IrisConfig, fetcher: DeploymentHandle) -> None:
+        quiet_client_errors()
+        super().__init__(config, fetcher)
+
+    async def stats(self) -> dict[str, int]:
+        return self.cache_stats()

@@ -308,6 +308,16 @@ class DeploymentsSettings(_Strict):
         "them requests are refused with 503, as Serve does in front of LLMServer).",
     )
 
+    data_uris_in_ingress: bool = Field(
+        False,
+        description="Prepare images sent as data: URIs inside the ChatIngress replica (their "
+        "bytes are already there) instead of in the ImagePreprocessor deployment; http(s) "
+        "and s3 images still go through the fetcher and the preprocessor. One Ray call and "
+        "one process less per image: on a small machine, embeddings of fresh images ~1.5x "
+        "(docs/benchmarks.md, compare-41). The cost: those images no longer scale with "
+        "the CPU tier, and decoding shares the ingress's cores with HTTP handling.",
+    )
+
     @field_validator("ingress", "fetcher", "preprocessor", "llm", "encoder", mode="before")
     @classmethod
     def _over_defaults(cls, value: Any, info: ValidationInfo) -> Any:
@@ -442,6 +452,7 @@ class IrisConfig(_Strict):
         d, llm = self.deployments, self.deployments.llm
         kept = DeploymentsSettings(
             engine_in_ingress=d.engine_in_ingress,
+            data_uris_in_ingress=d.data_uris_in_ingress,
             llm=DeploymentSettings(max_ongoing_requests=llm.max_ongoing_requests,
                                    max_queued_requests=llm.max_queued_requests),
         )

@@ -1,7 +1,8 @@
 """An app that serves only the encoder (`serve_chat: false`, what an image-search deployment
 runs), deployed beside the session's apps on the same Ray instance and reached through
 Serve's proxy: /ready waits for the encoder, /v1/models lists only it, chat is a 404 in the
-envelope, and its embeddings are the local app's (the same encoder and image path)."""
+envelope, and its embeddings are the local app's (the same encoder). It prepares data: images
+in its ingress (deployments.data_uris_in_ingress), http(s) and s3 images in its preprocessor."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.images import data_uri, encode, natural
+from tests.images import data_uri, encode, natural, png_bomb
+from tests.servers import ImageServer
 from tests.support import AUTH, ENCODER, IrisApp, assert_envelope, good_body, post_chat
 
 APP = "iris-search"
@@ -32,6 +34,7 @@ def search(iris_apps: dict[str, IrisApp]) -> Iterator[tuple[str, list[httpx.Resp
         "app_name": APP, "serve_chat": False,
         # Room beside the session's two apps on its 8 logical CPUs.
         "deployments": d.model_copy(update={
+            "data_uris_in_ingress": True,
             "preprocessor": d.preprocessor.model_copy(update={"num_cpus": 0.25})})})
     base = f"{local.proxy_base.removesuffix('/v1')}/search"
     serve.run_many([serve.RunTarget(build_app(cfg), name=APP, route_prefix="/search")],
@@ -94,3 +97,45 @@ def test_embeddings_are_the_local_apps(search: tuple[str, list[httpx.Response]],
     for a, b in zip(mine.json()["data"], theirs.json()["data"], strict=True):
         va, vb = np.asarray(a["embedding"]), np.asarray(b["embedding"])
         assert float(va @ vb / np.linalg.norm(va) / np.linalg.norm(vb)) >= 0.9999
+
+
+def search_prep_stats() -> dict[str, int]:
+    from ray import serve
+    stats: dict[str, int] = serve.get_deployment_handle(
+        "ImagePreprocessor", APP).stats.remote().result()
+    return stats
+
+
+def test_data_uris_are_prepared_in_the_ingress(search: tuple[str, list[httpx.Response]],
+                                               image_server: ImageServer) -> None:
+    """A data: image skips the preprocessor; an http image still goes through the fetcher
+    (one hit on the loopback server) and the preprocessor; both embed."""
+    base, _ = search
+    before = search_prep_stats()
+    url = data_uri(encode(natural(320, 240, seed=72), "PNG"), "image/png")
+    r = post_chat(base, {"model": ENCODER, "input": [
+        {"type": "image_url", "image_url": {"url": url}}]}, path="/embeddings")
+    assert r.status_code == 200, r.text
+    assert search_prep_stats()["misses"] == before["misses"]
+    http_url = image_server.add_bytes(
+        "/search-prep.jpg", encode(natural(320, 240, seed=73), "JPEG"), "image/jpeg")
+    r = post_chat(base, {"model": ENCODER, "input": [
+        {"type": "image_url", "image_url": {"url": http_url}}]}, path="/embeddings")
+    assert r.status_code == 200, r.text
+    assert image_server.hits["/search-prep.jpg"] == 1
+    assert search_prep_stats()["misses"] == before["misses"] + 1
+
+
+def test_a_bad_data_uri_in_the_ingress_is_a_400(search: tuple[str, list[httpx.Response]]
+                                                ) -> None:
+    """The ingress applies the preprocessor's rules: not an image, or a decompression bomb,
+    is the client's error, in the envelope, naming the item."""
+    base, _ = search
+    junk = "data:image/png;base64,aGVsbG8gd29ybGQ="
+    for url, code in ((junk, None), (data_uri(png_bomb(40000)), "image_too_large")):
+        r = post_chat(base, {"model": ENCODER, "input": [
+            "a cat", {"type": "image_url", "image_url": {"url": url}}]}, path="/embeddings")
+        err = assert_envelope(r, 400)
+        assert err["param"].startswith("input[1]"), err
+        if code is not None:
+            assert err["code"] == code, err
