@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 from handlers.errors import EngineUnavailable
-from handlers.reaper import Reaper
+from handlers.reaper import Reaper, end_processes, process_tree
 
 logger = logging.getLogger("ray.serve.iris.engine")
 
@@ -56,6 +56,9 @@ class Supervisor(Generic[E]):
         self._watcher: asyncio.Task[None] | None = None
         self._reaper = Reaper()
         self._reaper.watch(engine.pids())
+        # The engine's processes with their workers, for _restart to end what outlives a
+        # killed core: its workers are then orphans that vLLM's shutdown does not know of.
+        self._tree = process_tree(engine.pids())
 
     def watch(self) -> None:
         """Start noticing a dead engine even when no request does, and bringing it back."""
@@ -107,11 +110,16 @@ class Supervisor(Generic[E]):
 
     async def _restart(self) -> None:
         with contextlib.suppress(Exception):
-            self.engine.shutdown()  # ends whatever is left of its processes
+            self.engine.shutdown()
+        left = await asyncio.to_thread(end_processes, self._tree)
+        if left:
+            logger.warning("ended %d process(es) left of the dead engine", left)
+        self._tree = []
         self._reaper.watch([])
         try:
             self.engine = await self._start()
             self._reaper.watch(self.engine.pids())
+            self._tree = process_tree(self.engine.pids())
         except Exception:
             self._failed_restarts += 1
             logger.exception("restarting the engine failed (%d in a row)", self._failed_restarts)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import psutil
+
 # The watcher: reads lines of pids from stdin, the last line being the current set; at EOF
 # (the parent closed the pipe or died), ends those processes and their descendants.
 _WATCHER = r"""
@@ -60,3 +62,34 @@ class Reaper:
         """This process is ending cleanly: the watcher ends what is still named, then exits."""
         if self._proc.stdin is not None:
             self._proc.stdin.close()
+
+
+def process_tree(pids: list[int]) -> list[psutil.Process]:
+    """The processes `pids` and their descendants, as they are now (each remembered with its
+    start time, so that a reused pid is never mistaken for it later)."""
+    out: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            out += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            pass
+    return out
+
+
+def end_processes(procs: list[psutil.Process], timeout_s: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL after `timeout_s`, to those of `procs` still running (a killed
+    EngineCore's workers are orphans nobody else ends). Returns how many were running."""
+    running = [p for p in procs if p.is_running()]
+    for p in running:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(running, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return len(running)

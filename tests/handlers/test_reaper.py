@@ -46,3 +46,32 @@ def test_a_killed_parents_engine_process_is_ended() -> None:
     finally:
         if not gone(engine):
             os.kill(engine, signal.SIGKILL)
+
+
+CORE = r"""
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_cores_orphaned_worker_is_ended_by_its_remembered_tree() -> None:
+    """What the Supervisor does before restarting an engine whose core was killed: the
+    core's worker, now an orphan, is ended from the tree remembered at start."""
+    from handlers.reaper import end_processes, process_tree
+
+    core = subprocess.Popen([sys.executable, "-c", CORE], stdout=subprocess.PIPE, text=True)
+    assert core.stdout is not None
+    worker = int(core.stdout.readline())
+    try:
+        tree = process_tree([core.pid])
+        assert sorted(p.pid for p in tree) == sorted([core.pid, worker])
+        os.kill(core.pid, signal.SIGKILL)
+        core.wait()
+        assert not gone(worker)  # nobody else ends it
+        assert end_processes(tree) == 1
+        assert gone(worker)
+    finally:
+        if not gone(worker):
+            os.kill(worker, signal.SIGKILL)
