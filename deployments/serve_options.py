@@ -12,10 +12,15 @@ DRAIN_MARGIN_S = 30.0
 QUEUE_LIMITS = ("max_ongoing_requests", "max_queued_requests")
 
 
-def deployment_options(s: DeploymentSettings, *, longest_request_s: float) -> dict[str, Any]:
+def deployment_options(s: DeploymentSettings, *, longest_request_s: float,
+                       access_log: bool = False) -> dict[str, Any]:
     """Options for `Deployment.options(...)`: those the settings set, and a graceful
-    shutdown long enough for the longest request the deployment may be serving."""
+    shutdown long enough for the longest request the deployment may be serving.
+    `access_log`: the deployment's default for settings.access_log."""
     opts: dict[str, Any] = {}
+    # Serve's LoggingConfig, with only this changed from Serve's defaults.
+    opts["logging_config"] = {"enable_access_log": (
+        access_log if s.access_log is None else s.access_log)}
     if s.autoscaling_config is not None:
         opts["autoscaling_config"] = s.autoscaling_config
     elif s.num_replicas is not None:
@@ -90,11 +95,13 @@ def ingress_options(cfg: IrisConfig) -> dict[str, Any]:
     takes the engine replica's resources, placement, scaling and health checks, and keeps
     the ingress's HTTP limits: the engine's own apply inside (deployments.backend)."""
     d = cfg.deployments
-    http = deployment_options(d.ingress, longest_request_s=cfg.limits.request_timeout_s)
+    http = deployment_options(d.ingress, longest_request_s=cfg.limits.request_timeout_s,
+                              access_log=True)
     if not (d.engine_in_ingress and cfg.serve_chat):
         return http
-    opts = {k: v for k, v in llm_options(cfg).items() if k not in QUEUE_LIMITS}
-    opts.update({k: http[k] for k in QUEUE_LIMITS if k in http})
+    kept = (*QUEUE_LIMITS, "logging_config")
+    opts = {k: v for k, v in llm_options(cfg).items() if k not in kept}
+    opts.update({k: http[k] for k in kept if k in http})
     return opts
 
 

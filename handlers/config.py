@@ -235,6 +235,14 @@ class DeploymentSettings(_Strict):
         Field(None, description="Placement group strategy for the bundles.")
     )
 
+    access_log: bool | None = Field(
+        None, description="Ray Serve's access log: a line per call the replicas handle, in "
+        "their log files and make serve's console. None: on for ChatIngress (one line per "
+        "HTTP request, as uvicorn's in vllm serve), off for the deployments behind it (a "
+        "line per internal call: two or three more per image request, each written, "
+        "forwarded by Ray's log monitor and printed by the driver; docs/benchmarks.md, "
+        "compare-43).",
+    )
     health_check_period_s: float | None = Field(
         None, gt=0, description="Seconds between Serve's health checks of a replica (Serve "
         "replaces one after 3 failures in a row). None: Serve's default, 10.",

@@ -166,3 +166,35 @@ def test_scaling_a_deployment_changes_no_replicas_init_arguments() -> None:
     assert (one["prep_replicas"], two["prep_replicas"]) == (1, 2)  # the option changed
     for name in ("ingress", "preprocessor", "llm"):
         assert one[name] == two[name]  # the replicas' arguments did not
+
+
+def _access_logs(app) -> dict[str, bool]:
+    """Each bound deployment's access log setting, as Serve will apply it."""
+    out: dict[str, bool] = {}
+    todo = [app._bound_deployment]
+    while todo:
+        d = todo.pop()
+        out[d.name] = d._deployment_config.logging_config["enable_access_log"]
+        todo += [a._bound_deployment for a in d.init_args if hasattr(a, "_bound_deployment")]
+    return out
+
+
+def test_only_the_http_ingress_writes_access_logs_by_default() -> None:
+    """One line per HTTP request, as vllm serve's uvicorn writes; the calls behind it (two or
+    three per image request) are not logged, in either layout, unless asked for."""
+    from deployments.app import build_app
+
+    for fused in (False, True):
+        c = load_config(use_yaml=False, encoder={"id": "clip", "source": "/nonexistent",
+                                                 "processor": {"size": {"shortest_edge": 224}}},
+                        deployments={"engine_in_ingress": fused})
+        c = c.model_copy(update={"model": c.model.model_copy(update={"processor": {}})})
+        logs = _access_logs(build_app(c))
+        assert logs.pop("ChatIngress") is True
+        assert logs and not any(logs.values()), logs
+    c = load_config(use_yaml=False, deployments={"preprocessor": {"access_log": True},
+                                                 "ingress": {"access_log": False}})
+    c = c.model_copy(update={"model": c.model.model_copy(update={"processor": {}})})
+    logs = _access_logs(build_app(c))
+    assert logs == {"ChatIngress": False, "ImagePreprocessor": True, "ImageFetcher": False,
+                    "LLMServer": False}
