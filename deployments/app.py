@@ -67,9 +67,10 @@ def build_app(args: dict[str, Any] | IrisConfig | None = None) -> Application:
     # The chat engine in its own deployment, or (engine_in_ingress) inside ChatIngress.
     llm = (deployment(LLMServer).options(**llm_server_options(cfg)).bind(replica_cfg)
            if cfg.serve_chat and not cfg.deployments.engine_in_ingress else None)
-    # The encoder always has an engine of its own (vLLM's pooling runner).
+    # The encoder has an engine of its own (vLLM's pooling runner), in its own deployment or
+    # (encoder_in_ingress) inside ChatIngress.
     encoder = (deployment(EmbeddingServer).options(**encoder_options(cfg)).bind(replica_cfg)
-               if cfg.encoder is not None else None)
+               if cfg.encoder is not None and not cfg.deployments.encoder_in_ingress else None)
     return deployment(ChatIngress).options(**ingress_options(cfg)).bind(
         replica_cfg, preprocessor, llm, encoder)
 

@@ -1,6 +1,7 @@
 """EmbeddingServer: the image-text encoder (CLIP, SigLIP) on vLLM's pooling runner, one engine
-per replica, kept alive like the chat engine (deployments.supervisor), answering with vLLM's
-own embedding code (handlers.encoder)."""
+per replica (EncoderHost), kept alive like the chat engine (deployments.supervisor), answering
+with vLLM's own embedding code (handlers.encoder). With deployments.encoder_in_ingress the
+same EncoderHost runs inside ChatIngress instead."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from typing import Any
 from ray import serve
 
 from deployments.contract import ImagePixels
-from deployments.logs import keep_serve_log_handlers, quiet_client_errors
+from deployments.logs import (
+    access_lines_to_file_only,
+    keep_serve_log_handlers,
+    quiet_client_errors,
+)
 from deployments.supervisor import Supervisor
 from handlers.config import EncoderSettings, IrisConfig
-from handlers.cpu_affinity import engine_process_cores, move_to
+from handlers.cpu_affinity import engine_process_cores, move_to, pinned
 from handlers.encoder import Text, VllmEncoder, read_logit_scale
 from handlers.errors import EngineUnavailable
 
@@ -28,37 +33,50 @@ class EmbedBatch:
     dimensions: int | None = None
 
 
-async def start_encoder(enc: EncoderSettings) -> VllmEncoder:
-    """vLLM's encoder engine in this process; its processes start where this one runs
-    (EmbeddingServer places itself first)."""
-    with keep_serve_log_handlers():
+async def start_encoder(enc: EncoderSettings, cores: list[int]) -> VllmEncoder:
+    """vLLM's encoder engine in this process; its processes start on `cores` (the engine's,
+    [] where Iris does not place engines)."""
+    with keep_serve_log_handlers(), pinned(cores):
         encoder = await VllmEncoder.start(enc)
     quiet_client_errors()
     return encoder
 
 
-@serve.deployment(name="EmbeddingServer")
-class EmbeddingServer:
-    async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+class EncoderHost:
+    """One encoder engine in this process, kept alive (deployments.supervisor), and the calls
+    it answers. Both layouts use it: the EmbeddingServer replica, and ChatIngress's own
+    encoder (deployments.encoder_in_ingress)."""
+
+    def __init__(self, supervisor: Supervisor[VllmEncoder], logit_scale: float | None) -> None:
+        self._encoder = supervisor
+        self._logit_scale = logit_scale
+
+    @classmethod
+    async def start(cls, config: IrisConfig, *, whole_process: bool) -> EncoderHost:
+        """`whole_process`: this process moves to the engine's cores too (a replica of its
+        own); else only the engine's processes go there (inside ChatIngress)."""
         assert config.encoder is not None
         enc, e = config.encoder, config.engine
         os.environ.update(enc.env)
-        # The whole replica, and so the engine processes it starts, on the CPU engine's cores
-        # when Iris placed the chat engine's worker there (engine.cpu_cores; the encoder's
-        # worker inherits the same VLLM_CPU_OMP_THREADS_BIND). The CPU tier's one core is
-        # what embeddings of fresh images wait for (ingress, preprocessor and this replica at
-        # ~10-15 ms each per image), while the engine's core idles unless chat is busy
-        # (embed-fresh: docs/benchmarks.md).
-        move_to(engine_process_cores(e, dict(os.environ)))
-        self._logit_scale = read_logit_scale(enc.source)
-        self._encoder = Supervisor(await start_encoder(enc), lambda: start_encoder(enc),
-                                   stall_timeout_s=e.stall_timeout_s,
-                                   restart_attempts=e.restart_attempts)
-        self._encoder.watch()
+        cores = engine_process_cores(e, dict(os.environ))
+        if whole_process:
+            # The whole replica, and so the engine processes it starts, on the CPU engine's
+            # cores when Iris placed the chat engine's worker there (engine.cpu_cores; the
+            # encoder's worker inherits the same VLLM_CPU_OMP_THREADS_BIND). The CPU tier's
+            # one core is what embeddings of fresh images wait for (ingress, preprocessor and
+            # this replica at ~10-15 ms each per image), while the engine's core idles unless
+            # chat is busy (embed-fresh: docs/benchmarks.md).
+            move_to(cores)
+        supervisor = Supervisor(await start_encoder(enc, cores),
+                                lambda: start_encoder(enc, cores),
+                                stall_timeout_s=e.stall_timeout_s,
+                                restart_attempts=e.restart_attempts)
+        supervisor.watch()
+        return cls(supervisor, read_logit_scale(enc.source))
 
     async def embed(self, batch: EmbedBatch) -> tuple[list[list[float]], int]:
         """(one vector per item, in order; prompt tokens). Texts go in one engine request,
-        images in another, at once."""
+        images in another, at once. Raises EngineUnavailable while the engine is down."""
         encoder = self._encoder.serving()
         texts = [(i, x) for i, x in enumerate(batch.items) if not isinstance(x, ImagePixels)]
         images = [(i, x) for i, x in enumerate(batch.items) if isinstance(x, ImagePixels)]
@@ -77,21 +95,46 @@ class EmbeddingServer:
             out[i] = vector
         return out, text_tokens + image_tokens
 
-    async def logit_scale(self) -> float | None:
+    def logit_scale(self) -> float | None:
         """CLIP's learned temperature from the checkpoint (moderation's calibration)."""
         return self._logit_scale
 
     async def check_health(self) -> None:
         await self._encoder.check_health()
 
-    async def ready(self) -> None:
-        if not self._encoder.ready():
-            raise EngineUnavailable.restarting()
+    def ready(self) -> bool:
+        return self._encoder.ready()
 
-    async def record_routing_stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         engine = self._encoder.engine
         return {"unfinished_requests": engine.num_unfinished(), "engine_pids": engine.pids(),
                 "engine_state": self._encoder.state, "engine_restarts": self._encoder.restarts}
 
-    async def __del__(self) -> None:
+    async def shutdown(self) -> None:
         await self._encoder.shutdown()
+
+
+@serve.deployment(name="EmbeddingServer")
+class EmbeddingServer:
+    async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+        self._host = await EncoderHost.start(config, whole_process=True)
+        access_lines_to_file_only()  # behind the ingress: its calls stay off the console
+
+    async def embed(self, batch: EmbedBatch) -> tuple[list[list[float]], int]:
+        return await self._host.embed(batch)
+
+    async def logit_scale(self) -> float | None:
+        return self._host.logit_scale()
+
+    async def check_health(self) -> None:
+        await self._host.check_health()
+
+    async def ready(self) -> None:
+        if not self._host.ready():
+            raise EngineUnavailable.restarting()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        return self._host.stats()
+
+    async def __del__(self) -> None:
+        await self._host.shutdown()

@@ -1,6 +1,7 @@
 """The ingress's side of /v1/embeddings and /v1/moderations: images prepared for the encoder
 (its own resize rule) by the same fetcher and preprocessor as chat, items sent to the
-EmbeddingServer deployment, answers built in OpenAI's shapes."""
+EmbeddingServer deployment (or the encoder in this replica, deployments.encoder_in_ingress),
+answers built in OpenAI's shapes."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contract import ImagePixels
-from deployments.embedding_server import EmbedBatch
+from deployments.embedding_server import EmbedBatch, EncoderHost
 from deployments.images import ImagePreparer
 from deployments.ray_errors import client_error
 from deployments.retry import retrying
 from handlers.config import IrisConfig
 from handlers.embeddings import embedding_response, parse_embedding_request
 from handlers.encoder import Text
-from handlers.errors import InvalidRequest, ModelNotFound
+from handlers.errors import EngineUnavailable, InvalidRequest, ModelNotFound
 from handlers.moderation_head import load_head
 from handlers.moderation_request import parse_moderation_request
 from handlers.moderation_scoring import (
@@ -32,8 +33,8 @@ OPENAI_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")
 
 
 class EncoderClient:
-    def __init__(self, config: IrisConfig, encoder: DeploymentHandle, images: ImagePreparer
-                 ) -> None:
+    def __init__(self, config: IrisConfig, encoder: DeploymentHandle | EncoderHost,
+                 images: ImagePreparer) -> None:
         assert config.encoder is not None
         self._cfg = config
         self.model_id = config.encoder.id
@@ -42,8 +43,11 @@ class EncoderClient:
         self._scorer: Scorer | None = None
 
     async def ready(self) -> None:
-        """Raises unless an EmbeddingServer replica is up with its engine serving."""
-        await self._encoder.ready.remote()
+        """Raises unless the encoder (here, or an EmbeddingServer replica) is serving."""
+        if not isinstance(self._encoder, EncoderHost):
+            await self._encoder.ready.remote()
+        elif not self._encoder.ready():
+            raise EngineUnavailable.restarting()
 
     def _check_model(self, model: str | None, *, moderation: bool = False) -> None:
         # Clients written for OpenAI name its moderation models: they mean this encoder.
@@ -71,10 +75,14 @@ class EncoderClient:
                             ) -> tuple[list[list[float]], int]:
         """An embedding is a pure function of its input: when the EmbeddingServer replica
         dies under the call, another one (or its replacement) answers it, within the
-        request's deadline."""
+        request's deadline. The encoder in this replica is called directly (its
+        Supervisor brings a dead engine back)."""
+        encoder = self._encoder
+        if isinstance(encoder, EncoderHost):
+            return await encoder.embed(request)
         try:
             result: tuple[list[list[float]], int] = await retrying(
-                "encoder", lambda: self._encoder.embed.remote(request), deadline)
+                "encoder", lambda: encoder.embed.remote(request), deadline)
         except Exception as exc:
             raise client_error(exc) from None
         return result
@@ -119,7 +127,9 @@ class EncoderClient:
             settings = self._cfg.moderation
             texts = prompt_texts(settings)
             vectors, _ = await self._embed(list(texts), None, deadline)
-            scale = logit_scale(settings, await self._encoder.logit_scale.remote())
+            scale = logit_scale(settings, self._encoder.logit_scale()
+                                if isinstance(self._encoder, EncoderHost)
+                                else await self._encoder.logit_scale.remote())
             head = load_head(settings.head, len(vectors[0])) if settings.head else None
             self._scorer = Scorer(settings, dict(zip(texts, vectors, strict=True)), scale, head)
         return self._scorer

@@ -11,6 +11,7 @@ from ray import serve
 
 from deployments.contract import EngineRequest
 from deployments.engine_host import EngineHost
+from deployments.logs import access_lines_to_file_only
 from handlers.config import IrisConfig
 from handlers.errors import EngineUnavailable
 from handlers.events import EventStream
@@ -20,6 +21,7 @@ from handlers.events import EventStream
 class LLMServer:
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         self._host = await EngineHost.start(config)
+        access_lines_to_file_only()  # behind the ingress: its calls stay off the console
 
     async def check_health(self) -> None:
         """Serve's health check: fails only when the engine cannot be brought back here."""

@@ -37,6 +37,27 @@ def quiet_client_errors(name: str = SERVE_LOGGER) -> None:
         logger.addFilter(ClientErrorsAreNotFailures())
 
 
+class AccessLinesToFileOnly(logging.Filter):
+    """Serve writes each access line to the replica's log file and to its stderr, which Ray
+    forwards to the driver's console. Behind the ingress that is a line per internal call,
+    two or three per image request: in the files they let one grep follow a request through
+    every replica; on make serve's console only the ingress's stay, one per HTTP request (as
+    vllm serve's). A filter on the logger (Serve replaces its handlers when it reconfigures
+    a replica) that marks them with the attribute Serve's stderr handler drops records by."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "serve_access_log", False):
+            record.log_to_stderr = False
+        return True
+
+
+def access_lines_to_file_only(name: str = SERVE_LOGGER) -> None:
+    """Install the filter on Serve's logger in this replica (once)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, AccessLinesToFileOnly) for f in logger.filters):
+        logger.addFilter(AccessLinesToFileOnly())
+
+
 @contextlib.contextmanager
 def keep_serve_log_handlers(name: str = SERVE_LOGGER) -> Iterator[None]:
     """vLLM configures logging with `dictConfig`, which closes every existing handler.

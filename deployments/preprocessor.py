@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contract import ImageMeta
-from deployments.logs import quiet_client_errors
+from deployments.logs import access_lines_to_file_only, quiet_client_errors
 from deployments.metrics import metrics
 from deployments.retry import retrying
 from handlers.cache import SingleFlight, SizedLRU
@@ -154,6 +154,7 @@ class Preparation:
 class ImagePreprocessor(Preparation):
     def __init__(self, config: IrisConfig, fetcher: DeploymentHandle) -> None:
         quiet_client_errors()
+        access_lines_to_file_only()
         super().__init__(config, fetcher)
 
     async def stats(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ class DeployFailed(RuntimeError):
 
 # What each deployment does before it is ready, and how long that usually takes here.
 ENGINE_LOAD = "loads the vLLM engine (usually 40-80 s on a small CPU machine)"
+ENCODER_LOAD = "loads the encoder's vLLM engine (usually 30-60 s on a small CPU machine)"
 # While replicas start, a line this often says what is still loading.
 REMIND_S = 30.0
 
@@ -34,9 +35,18 @@ def startup_notes(cfg: IrisConfig) -> dict[str, str]:
         "ImageFetcher": "fetches images (usually a few seconds)",
         "ImagePreprocessor": "resizes images, after a warm-up (usually 5-30 s)",
         "LLMServer": ENGINE_LOAD,
-        "ChatIngress": (f"the HTTP API, and {ENGINE_LOAD}" if cfg.deployments.engine_in_ingress
-                        else "the HTTP API (usually a few seconds)"),
+        "EmbeddingServer": ENCODER_LOAD,
+        "ChatIngress": ingress_note(cfg),
     }
+
+
+def ingress_note(cfg: IrisConfig) -> str:
+    d = cfg.deployments
+    engines = [ENGINE_LOAD] if d.engine_in_ingress and cfg.serve_chat else []
+    if d.encoder_in_ingress and cfg.encoder is not None:
+        engines.append(ENCODER_LOAD)
+    return f"the HTTP API, and {'; then '.join(engines)}" if engines else (
+        "the HTTP API (usually a few seconds)")
 
 
 def wait_until_running(

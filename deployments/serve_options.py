@@ -12,15 +12,12 @@ DRAIN_MARGIN_S = 30.0
 QUEUE_LIMITS = ("max_ongoing_requests", "max_queued_requests")
 
 
-def deployment_options(s: DeploymentSettings, *, longest_request_s: float,
-                       access_log: bool = False) -> dict[str, Any]:
+def deployment_options(s: DeploymentSettings, *, longest_request_s: float) -> dict[str, Any]:
     """Options for `Deployment.options(...)`: those the settings set, and a graceful
-    shutdown long enough for the longest request the deployment may be serving.
-    `access_log`: the deployment's default for settings.access_log."""
+    shutdown long enough for the longest request the deployment may be serving."""
     opts: dict[str, Any] = {}
-    # Serve's LoggingConfig, with only this changed from Serve's defaults.
-    opts["logging_config"] = {"enable_access_log": (
-        access_log if s.access_log is None else s.access_log)}
+    if s.access_log is not None:  # Serve's LoggingConfig, only this changed from its defaults
+        opts["logging_config"] = {"enable_access_log": s.access_log}
     if s.autoscaling_config is not None:
         opts["autoscaling_config"] = s.autoscaling_config
     elif s.num_replicas is not None:
@@ -95,14 +92,32 @@ def ingress_options(cfg: IrisConfig) -> dict[str, Any]:
     takes the engine replica's resources, placement, scaling and health checks, and keeps
     the ingress's HTTP limits: the engine's own apply inside (deployments.backend)."""
     d = cfg.deployments
-    http = deployment_options(d.ingress, longest_request_s=cfg.limits.request_timeout_s,
-                              access_log=True)
-    if not (d.engine_in_ingress and cfg.serve_chat):
-        return http
-    kept = (*QUEUE_LIMITS, "logging_config")
-    opts = {k: v for k, v in llm_options(cfg).items() if k not in kept}
-    opts.update({k: http[k] for k in kept if k in http})
+    opts = deployment_options(d.ingress, longest_request_s=cfg.limits.request_timeout_s)
+    if d.engine_in_ingress and cfg.serve_chat:
+        http = opts
+        kept = (*QUEUE_LIMITS, "logging_config")
+        opts = {k: v for k, v in llm_options(cfg).items() if k not in kept}
+        opts.update({k: http[k] for k in kept if k in http})
+    if d.encoder_in_ingress and cfg.encoder is not None:
+        with_encoder(opts, cfg)
     return opts
+
+
+def with_encoder(opts: dict[str, Any], cfg: IrisConfig) -> None:
+    """ChatIngress's options when it also holds the encoder (deployments.encoder_in_ingress):
+    the encoder's CPUs on top of its own (in the bundle it runs in, when it has one) and the
+    encoder's environment."""
+    assert cfg.encoder is not None
+    actor = opts.setdefault("ray_actor_options", {})
+    env = actor.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    actor["runtime_env"]["env_vars"] = {**env, **cfg.encoder.env}
+    cpus = cfg.deployments.encoder.num_cpus or 0.0
+    if cpus:
+        actor["num_cpus"] = actor.get("num_cpus", 0.0) + cpus
+        if bundles := opts.get("placement_group_bundles"):
+            first = dict(bundles[0])
+            first["CPU"] = first.get("CPU", 0.0) + cpus
+            opts["placement_group_bundles"] = [first, *bundles[1:]]
 
 
 def llm_server_options(cfg: IrisConfig) -> dict[str, Any]:

@@ -236,12 +236,12 @@ class DeploymentSettings(_Strict):
     )
 
     access_log: bool | None = Field(
-        None, description="Ray Serve's access log: a line per call the replicas handle, in "
-        "their log files and make serve's console. None: on for ChatIngress (one line per "
-        "HTTP request, as uvicorn's in vllm serve), off for the deployments behind it (a "
-        "line per internal call: two or three more per image request, each written, "
-        "forwarded by Ray's log monitor and printed by the driver; docs/benchmarks.md, "
-        "compare-43).",
+        None, description="Ray Serve's access log: a line per call a replica handles, with "
+        "its request id and duration, in the replica's log file. None: Serve's default (on). "
+        "Off saves the line's cost, ~1-2 ms CPU per call on this 2-core machine "
+        "(docs/benchmarks.md, compare-43), but a grep for a request id then no longer finds "
+        "its calls there. Only ChatIngress's lines (one per HTTP request) also reach make "
+        "serve's console.",
     )
     health_check_period_s: float | None = Field(
         None, gt=0, description="Seconds between Serve's health checks of a replica (Serve "
@@ -314,6 +314,16 @@ class DeploymentsSettings(_Strict):
         "llm's resources, placement and autoscaling, keeps ingress's max_ongoing_requests "
         "and max_queued_requests for HTTP, and applies llm's to the engine inside (beyond "
         "them requests are refused with 503, as Serve does in front of LLMServer).",
+    )
+
+    encoder_in_ingress: bool = Field(
+        False,
+        description="Run the encoder's vLLM engine (encoder) inside the ChatIngress replica "
+        "instead of its own EmbeddingServer deployment: one Ray Serve hop and one process "
+        "less per /v1/embeddings and /v1/moderations request (on a small machine embeddings "
+        "of fresh images ~1.2x: docs/benchmarks.md, compare-44), but the encoder then scales "
+        "with the HTTP tier. ChatIngress adds encoder's num_cpus and env to its own; a "
+        "replica whose encoder cannot be brought back fails its health check.",
     )
 
     data_uris_in_ingress: bool = Field(
@@ -461,6 +471,7 @@ class IrisConfig(_Strict):
         kept = DeploymentsSettings(
             engine_in_ingress=d.engine_in_ingress,
             data_uris_in_ingress=d.data_uris_in_ingress,
+            encoder_in_ingress=d.encoder_in_ingress,
             llm=DeploymentSettings(max_ongoing_requests=llm.max_ongoing_requests,
                                    max_queued_requests=llm.max_queued_requests),
         )

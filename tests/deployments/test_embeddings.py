@@ -17,7 +17,16 @@ from PIL import Image
 
 from tests.images import data_uri, encode, natural, pattern
 from tests.servers import ImageServer, S3Server, free_port
-from tests.support import API_KEY, CLIP_DIR, ENCODER, IrisApp, assert_envelope, post_chat
+from tests.support import (
+    API_KEY,
+    CLIP_DIR,
+    ENCODER,
+    IrisApp,
+    assert_envelope,
+    assert_still_serving,
+    engine_stats,
+    post_chat,
+)
 
 TEXTS = ["a photo of a cat", "two dogs playing in the snow", "🙂", "x"]
 
@@ -239,3 +248,40 @@ def test_the_same_vectors_as_vllms_own_server(app: IrisApp, vllm_pooling: str) -
             "model": ENCODER, "messages": [{"role": "user", "content": [image_item(url)]}],
         }).json()["data"][0]["embedding"]
         assert cosine(ours, theirs) >= 0.9999, kind
+
+
+def test_a_killed_encoder_engine_is_restarted_in_its_replica(app: IrisApp) -> None:
+    """make serve runs the encoder's engine inside ChatIngress (encoder_in_ingress). When its
+    EngineCore dies, embeddings are 503 engine_unavailable with Retry-After (never a 500)
+    until the replica has started it again, chat goes on meanwhile, and nothing of the dead
+    engine is left."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from handlers.reaper import process_tree
+
+    assert app.config.deployments.encoder_in_ingress
+    before = engine_stats(app.config.app_name, "ChatIngress")[0]["encoder"]
+    old = process_tree(before["engine_pids"])  # the EngineCore and its worker
+    assert len(old) >= 2
+    os.kill(before["engine_pids"][0], signal.SIGKILL)
+    assert_still_serving(app.base)
+    refused = 0
+    deadline = time.monotonic() + 600  # a guard, not an assertion
+    while time.monotonic() < deadline:
+        resp = post_chat(app.base, {"model": ENCODER, "input": ["a cat"]}, path="/embeddings")
+        if resp.status_code == 200:
+            break
+        assert assert_envelope(resp, 503)["code"] == "engine_unavailable"
+        assert resp.headers["retry-after"]
+        refused += 1
+        time.sleep(1)
+    assert resp.status_code == 200, resp.text
+    assert refused  # the client was told to retry, not served by a dead engine
+    after = engine_stats(app.config.app_name, "ChatIngress")[0]["encoder"]
+    assert after["engine_restarts"] == before["engine_restarts"] + 1
+    assert not [p.pid for p in old if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]

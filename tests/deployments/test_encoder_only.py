@@ -1,8 +1,9 @@
 """An app that serves only the encoder (`serve_chat: false`, what an image-search deployment
 runs), deployed beside the session's apps on the same Ray instance and reached through
 Serve's proxy: /ready waits for the encoder, /v1/models lists only it, chat is a 404 in the
-envelope, and its embeddings are the local app's (the same encoder). It prepares data: images
-in its ingress (deployments.data_uris_in_ingress), http(s) and s3 images in its preprocessor."""
+envelope, and its embeddings are the local app's (the same encoder). Its encoder runs in the
+EmbeddingServer deployment (the local app's, inside its ingress); it prepares data: images in
+its ingress (deployments.data_uris_in_ingress), http(s) and s3 images in its preprocessor."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def search(iris_apps: dict[str, IrisApp]) -> Iterator[tuple[str, list[httpx.Resp
         # Room beside the session's two apps on its 8 logical CPUs.
         "deployments": d.model_copy(update={
             "data_uris_in_ingress": True,
+            # The encoder in a deployment of its own (the local app has it in its ingress).
+            "encoder_in_ingress": False,
             "preprocessor": d.preprocessor.model_copy(update={"num_cpus": 0.25})})})
     base = f"{local.proxy_base.removesuffix('/v1')}/search"
     serve.run_many([serve.RunTarget(build_app(cfg), name=APP, route_prefix="/search")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +52,25 @@ def test_request_id_in_every_replica_log(
     while (seen := files_mentioning(rid)) != want and time.monotonic() < deadline:
         time.sleep(0.5)
     assert seen == want
+    # The console (the replicas' stderr, which Ray forwards to make serve's terminal) gets
+    # the ingress's access line for it; the internal calls' stay in the files above.
+    while not (shown := access_lines_on_console(rid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert shown == {"ChatIngress"}
+
+
+# Serve's access line: "<level> <time> <app>_<deployment> <replica> <request id> -- CALL
+# prepare OK 5.1ms" (an internal call), or "... -- POST /v1/chat/completions 200 80.2ms".
+ACCESS_LINE = re.compile(r"\S+_(ChatIngress|ImageFetcher|ImagePreprocessor|LLMServer|"
+                         r"EmbeddingServer) .* -- [A-Z]+ \S+ \S+ [\d.]+ms$")
+
+
+def access_lines_on_console(rid: str) -> set[str]:
+    """The deployments whose replicas wrote an access line for `rid` to their stderr."""
+    logs = serve_log_dir().parent
+    return {m.group(1) for p in logs.glob("worker-*.err")
+            for line in p.read_text(errors="replace").splitlines()
+            if rid in line and (m := ACCESS_LINE.search(line))}
 
 
 def test_serve_log_lines_survive_vllm_logging_setup(tmp_path: Path) -> None:

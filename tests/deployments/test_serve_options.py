@@ -168,33 +168,56 @@ def test_scaling_a_deployment_changes_no_replicas_init_arguments() -> None:
         assert one[name] == two[name]  # the replicas' arguments did not
 
 
-def _access_logs(app) -> dict[str, bool]:
-    """Each bound deployment's access log setting, as Serve will apply it."""
-    out: dict[str, bool] = {}
+
+def _access_logs(app) -> dict[str, bool | None]:
+    """Each bound deployment's access log setting (None: Serve's default, on)."""
+    out: dict[str, bool | None] = {}
     todo = [app._bound_deployment]
     while todo:
         d = todo.pop()
-        out[d.name] = d._deployment_config.logging_config["enable_access_log"]
+        out[d.name] = (d._deployment_config.logging_config or {}).get("enable_access_log")
         todo += [a._bound_deployment for a in d.init_args if hasattr(a, "_bound_deployment")]
     return out
 
 
-def test_only_the_http_ingress_writes_access_logs_by_default() -> None:
-    """One line per HTTP request, as vllm serve's uvicorn writes; the calls behind it (two or
-    three per image request) are not logged, in either layout, unless asked for."""
+def test_access_logs_are_serves_unless_a_deployment_turns_its_own_off() -> None:
     from deployments.app import build_app
 
-    for fused in (False, True):
-        c = load_config(use_yaml=False, encoder={"id": "clip", "source": "/nonexistent",
-                                                 "processor": {"size": {"shortest_edge": 224}}},
-                        deployments={"engine_in_ingress": fused})
-        c = c.model_copy(update={"model": c.model.model_copy(update={"processor": {}})})
-        logs = _access_logs(build_app(c))
-        assert logs.pop("ChatIngress") is True
-        assert logs and not any(logs.values()), logs
-    c = load_config(use_yaml=False, deployments={"preprocessor": {"access_log": True},
-                                                 "ingress": {"access_log": False}})
+    def logs(**deployments: object) -> dict[str, bool | None]:
+        c = load_config(use_yaml=False, deployments=deployments)
+        return _access_logs(build_app(
+            c.model_copy(update={"model": c.model.model_copy(update={"processor": {}})})))
+
+    assert logs() == dict.fromkeys(("ChatIngress", "ImagePreprocessor", "ImageFetcher",
+                                    "LLMServer"))
+    assert logs(preprocessor={"access_log": False}, ingress={"access_log": True}) == {
+        "ChatIngress": True, "ImagePreprocessor": False, "ImageFetcher": None,
+        "LLMServer": None}
+    # With the engine inside ChatIngress, the ingress's setting is the replica's.
+    assert logs(engine_in_ingress=True, ingress={"access_log": False},
+                llm={"access_log": True}) == {
+        "ChatIngress": False, "ImagePreprocessor": None, "ImageFetcher": None}
+
+
+def test_encoder_in_ingress_gives_chat_ingress_the_encoder_and_no_embedding_server() -> None:
+    from deployments.app import build_app
+
+    c = load_config(use_yaml=False, engine={"env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+                    encoder={"id": "clip", "source": "/nonexistent", "env": {"ENC": "1"},
+                             "processor": {"size": {"shortest_edge": 224}}},
+                    deployments={"engine_in_ingress": True, "encoder_in_ingress": True,
+                                 "llm": {"num_cpus": 1}, "encoder": {"num_cpus": 0.5}})
     c = c.model_copy(update={"model": c.model.model_copy(update={"processor": {}})})
-    logs = _access_logs(build_app(c))
-    assert logs == {"ChatIngress": False, "ImagePreprocessor": True, "ImageFetcher": False,
-                    "LLMServer": False}
+    ingress = build_app(c)._bound_deployment
+    assert ingress.init_args[3] is None  # no EmbeddingServer: the replica starts the encoder
+    assert ingress.init_args[0].deployments.encoder_in_ingress  # ...as its config tells it
+    assert ingress.ray_actor_options["num_cpus"] == 1.5
+    assert ingress._replica_config.placement_group_bundles == [{"CPU": 1.5}]
+    assert ingress.ray_actor_options["runtime_env"]["env_vars"] == {
+        "VLLM_CPU_KVCACHE_SPACE": "1", "ENC": "1"}
+    assert c.engine.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # the config is not changed
+    # Without the chat engine inside, the ingress's own CPUs plus the encoder's.
+    d = c.deployments.model_copy(update={"engine_in_ingress": False})
+    ingress = build_app(c.model_copy(update={"deployments": d}))._bound_deployment
+    assert ingress.ray_actor_options["num_cpus"] == 1.0
+    assert ingress.init_args[2]._bound_deployment.name == "LLMServer"
