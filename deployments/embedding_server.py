@@ -18,7 +18,7 @@ from deployments.logs import (
     keep_serve_log_handlers,
     quiet_client_errors,
 )
-from deployments.supervisor import Supervisor
+from deployments.supervisor import EngineReplica, Supervisor
 from handlers.config import EncoderSettings, IrisConfig
 from handlers.cpu_affinity import engine_process_cores, move_to, pinned
 from handlers.encoder import Text, VllmEncoder, read_logit_scale
@@ -115,7 +115,9 @@ class EncoderHost:
 
 
 @serve.deployment(name="EmbeddingServer")
-class EmbeddingServer:
+class EmbeddingServer(EngineReplica):
+    _host: EncoderHost
+
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         self._host = await EncoderHost.start(config, whole_process=True)
         access_lines_to_file_only()  # behind the ingress: its calls stay off the console
@@ -125,16 +127,3 @@ class EmbeddingServer:
 
     async def logit_scale(self) -> float | None:
         return self._host.logit_scale()
-
-    async def check_health(self) -> None:
-        await self._host.check_health()
-
-    async def ready(self) -> None:
-        if not self._host.ready():
-            raise EngineUnavailable.restarting()
-
-    async def record_routing_stats(self) -> dict[str, Any]:
-        return self._host.stats()
-
-    async def __del__(self) -> None:
-        await self._host.shutdown()

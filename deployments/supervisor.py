@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from handlers.errors import EngineUnavailable
 from handlers.reaper import Reaper, end_processes, process_tree
@@ -139,3 +139,37 @@ class Supervisor(Generic[E]):
         self.engine.shutdown()
         self._reaper.watch([])
         self._reaper.close()
+
+
+class EngineHostLike(Protocol):
+    async def check_health(self) -> None: ...
+
+    def ready(self) -> bool: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class EngineReplica:
+    """Serve's hooks for a deployment whose replica holds one supervised engine
+    (LLMServer's EngineHost, EmbeddingServer's EncoderHost)."""
+
+    _host: EngineHostLike
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails only when the engine cannot be brought back here."""
+        await self._host.check_health()
+
+    async def ready(self) -> None:
+        if not self._host.ready():
+            raise EngineUnavailable.restarting()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """The engine's load and counters (Serve polls this; tests and benchmarks read it
+        from each replica)."""
+        return self._host.stats()
+
+    async def __del__(self) -> None:
+        # Serve calls this when the replica stops: end the engine's processes with it.
+        await self._host.shutdown()

@@ -320,8 +320,8 @@ class DeploymentsSettings(_Strict):
         False,
         description="Run the encoder's vLLM engine (encoder) inside the ChatIngress replica "
         "instead of its own EmbeddingServer deployment: one Ray Serve hop and one process "
-        "less per /v1/embeddings and /v1/moderations request (on a small machine embeddings "
-        "of fresh images ~1.2x: docs/benchmarks.md, compare-44), but the encoder then scales "
+        "less per /v1/embeddings and /v1/moderations request (on a small machine a fifth less "
+        "CPU per fresh image: docs/benchmarks.md, compare-44), but the encoder then scales "
         "with the HTTP tier. ChatIngress adds encoder's num_cpus and env to its own; a "
         "replica whose encoder cannot be brought back fails its health check.",
     )
