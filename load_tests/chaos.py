@@ -114,7 +114,9 @@ def configs(proxy_port: int, plan: Plan) -> dict[str, Any]:
                    "max_num_seqs": 16, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
         "fetch": {"allow_private_networks": True, "s3_allowed_buckets": ["*"],
                   "total_timeout_s": 20, "read_timeout_s": 20},
-        "limits": {"request_timeout_s": 180},
+        # scale_preprocessor's 16 long streams share one CPU engine: on a slow day (this
+        # machine at half speed, 2026-12-03) they took longer than 180 s and hit the deadline.
+        "limits": {"request_timeout_s": 600},
         "http": {"host": "127.0.0.1", "port": proxy_port},
         "api_key": [API_KEY],
     }
