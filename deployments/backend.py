@@ -22,8 +22,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.contract import EngineRequest
 from deployments.engine_host import EngineHost
-from deployments.ray_errors import client_error
-from deployments.retry import before_retry, replica_gone
+from deployments.ray_errors import client_error, replica_gone
+from deployments.retry import before_retry
 from handlers.admission import Admission
 from handlers.config import IrisConfig
 from handlers.errors import EngineUnavailable, ModelNotFound

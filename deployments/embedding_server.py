@@ -13,11 +13,7 @@ from typing import Any
 from ray import serve
 
 from deployments.contract import ImagePixels
-from deployments.logs import (
-    access_lines_to_file_only,
-    keep_serve_log_handlers,
-    quiet_client_errors,
-)
+from deployments.logs import behind_the_ingress, keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import EngineReplica, Supervisor
 from handlers.config import EncoderSettings, IrisConfig
 from handlers.cpu_affinity import engine_process_cores, move_to, pinned
@@ -120,7 +116,7 @@ class EmbeddingServer(EngineReplica):
 
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         self._host = await EncoderHost.start(config, whole_process=True)
-        access_lines_to_file_only()  # behind the ingress: its calls stay off the console
+        behind_the_ingress()
 
     async def embed(self, batch: EmbedBatch) -> tuple[list[list[float]], int]:
         return await self._host.embed(batch)

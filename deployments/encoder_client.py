@@ -1,18 +1,23 @@
 """The ingress's side of /v1/embeddings and /v1/moderations: images prepared for the encoder
-(its own resize rule) by the same fetcher and preprocessor as chat, items sent to the
-EmbeddingServer deployment (or the encoder in this replica, deployments.encoder_in_ingress),
-answers built in OpenAI's shapes."""
+(its own resize rule) by the same fetcher and preprocessor as chat, items sent to the encoder,
+answers built in OpenAI's shapes.
+
+The encoder is one interface for both layouts, as the chat engine is (deployments/backend.py):
+- InProcessEncoder: the engine runs in the ingress replica (deployments.encoder_in_ingress),
+  called directly; its Supervisor brings a dead engine back.
+- ServeEncoder: the engine runs in the EmbeddingServer deployment, reached through its
+  handle; a call whose replica died before answering goes again."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contract import ImagePixels
 from deployments.embedding_server import EmbedBatch, EncoderHost
 from deployments.images import ImagePreparer
-from deployments.ray_errors import client_error
+from deployments.ray_errors import client_error, replica_gone
 from deployments.retry import retrying
 from handlers.config import IrisConfig
 from handlers.embeddings import embedding_response, parse_embedding_request
@@ -32,9 +37,97 @@ from handlers.protocol import ImageRef
 OPENAI_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")
 
 
+class Encoder(Protocol):
+    async def ready(self) -> None:
+        """Raises unless the encoder can serve now."""
+
+    async def embed(self, batch: EmbedBatch, deadline: float) -> tuple[list[list[float]], int]:
+        """(one vector per item, in order; prompt tokens); raises IrisError."""
+
+    async def logit_scale(self) -> float | None:
+        """CLIP's learned temperature (moderation's calibration)."""
+
+    async def check_health(self) -> None:
+        """Raises when the replica holding the engine should be replaced (a no-op when the
+        engine lives in EmbeddingServer)."""
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's load and counters when it runs in this replica, else {}."""
+
+    async def shutdown(self) -> None: ...
+
+
+class InProcessEncoder:
+    def __init__(self, host: EncoderHost) -> None:
+        self._host = host
+
+    async def ready(self) -> None:
+        if not self._host.ready():
+            raise EngineUnavailable.restarting()
+
+    async def embed(self, batch: EmbedBatch, deadline: float) -> tuple[list[list[float]], int]:
+        return await self._host.embed(batch)
+
+    async def logit_scale(self) -> float | None:
+        return self._host.logit_scale()
+
+    async def check_health(self) -> None:
+        await self._host.check_health()
+
+    def stats(self) -> dict[str, Any]:
+        return self._host.stats()
+
+    async def shutdown(self) -> None:
+        await self._host.shutdown()
+
+
+class ServeEncoder:
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def ready(self) -> None:
+        await self._handle.ready.remote()
+
+    async def embed(self, batch: EmbedBatch, deadline: float) -> tuple[list[list[float]], int]:
+        """An embedding is a pure function of its input: when the EmbeddingServer replica
+        dies under the call, another one (or its replacement) answers it, within the
+        request's deadline."""
+        try:
+            result: tuple[list[list[float]], int] = await retrying(
+                "encoder", lambda: self._handle.embed.remote(batch), deadline)
+        except Exception as exc:
+            if replica_gone(exc):
+                raise EngineUnavailable.restarting() from None
+            raise client_error(exc) from None
+        return result
+
+    async def logit_scale(self) -> float | None:
+        scale: float | None = await self._handle.logit_scale.remote()
+        return scale
+
+    async def check_health(self) -> None:
+        pass  # Serve checks EmbeddingServer's replicas itself
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    async def shutdown(self) -> None:
+        pass
+
+
+async def start_encoder_backend(config: IrisConfig, handle: DeploymentHandle | None
+                                ) -> Encoder | None:
+    """The encoder for this layout: one in this replica (deployments.encoder_in_ingress),
+    EmbeddingServer's handle if the app has one, or none when no encoder is served."""
+    if config.encoder is None:
+        return None
+    if config.deployments.encoder_in_ingress:
+        return InProcessEncoder(await EncoderHost.start(config, whole_process=False))
+    return ServeEncoder(handle) if handle is not None else None
+
+
 class EncoderClient:
-    def __init__(self, config: IrisConfig, encoder: DeploymentHandle | EncoderHost,
-                 images: ImagePreparer) -> None:
+    def __init__(self, config: IrisConfig, encoder: Encoder, images: ImagePreparer) -> None:
         assert config.encoder is not None
         self._cfg = config
         self.model_id = config.encoder.id
@@ -44,10 +137,7 @@ class EncoderClient:
 
     async def ready(self) -> None:
         """Raises unless the encoder (here, or an EmbeddingServer replica) is serving."""
-        if not isinstance(self._encoder, EncoderHost):
-            await self._encoder.ready.remote()
-        elif not self._encoder.ready():
-            raise EngineUnavailable.restarting()
+        await self._encoder.ready()
 
     def _check_model(self, model: str | None, *, moderation: bool = False) -> None:
         # Clients written for OpenAI name its moderation models: they mean this encoder.
@@ -69,23 +159,7 @@ class EncoderClient:
                 batch.append(ImagePixels(img.pixels, img.uuid))
             else:
                 batch.append(x)
-        return await self._call_encoder(EmbedBatch(batch, dimensions), deadline)
-
-    async def _call_encoder(self, request: EmbedBatch, deadline: float
-                            ) -> tuple[list[list[float]], int]:
-        """An embedding is a pure function of its input: when the EmbeddingServer replica
-        dies under the call, another one (or its replacement) answers it, within the
-        request's deadline. The encoder in this replica is called directly (its
-        Supervisor brings a dead engine back)."""
-        encoder = self._encoder
-        if isinstance(encoder, EncoderHost):
-            return await encoder.embed(request)
-        try:
-            result: tuple[list[list[float]], int] = await retrying(
-                "encoder", lambda: encoder.embed.remote(request), deadline)
-        except Exception as exc:
-            raise client_error(exc) from None
-        return result
+        return await self._encoder.embed(EmbedBatch(batch, dimensions), deadline)
 
     async def embeddings(self, body: Any, deadline: float) -> dict[str, Any]:
         req = parse_embedding_request(body, self._cfg.limits.max_embedding_inputs)
@@ -127,9 +201,7 @@ class EncoderClient:
             settings = self._cfg.moderation
             texts = prompt_texts(settings)
             vectors, _ = await self._embed(list(texts), None, deadline)
-            scale = logit_scale(settings, self._encoder.logit_scale()
-                                if isinstance(self._encoder, EncoderHost)
-                                else await self._encoder.logit_scale.remote())
+            scale = logit_scale(settings, await self._encoder.logit_scale())
             head = load_head(settings.head, len(vectors[0])) if settings.head else None
             self._scorer = Scorer(settings, dict(zip(texts, vectors, strict=True)), scale, head)
         return self._scorer

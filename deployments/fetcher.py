@@ -6,7 +6,7 @@ import time
 
 from ray import serve
 
-from deployments.logs import access_lines_to_file_only, quiet_client_errors
+from deployments.logs import behind_the_ingress
 from deployments.metrics import metrics, scheme_of
 from handlers.config import IrisConfig
 from handlers.fetch import FetchedImage, Fetcher
@@ -15,8 +15,7 @@ from handlers.fetch import FetchedImage, Fetcher
 @serve.deployment(name="ImageFetcher")
 class ImageFetcher:
     def __init__(self, config: IrisConfig) -> None:
-        quiet_client_errors()
-        access_lines_to_file_only()
+        behind_the_ingress()
         # One Fetcher per replica: its cache and single-flight serve every request here.
         self._fetcher = Fetcher(config.fetch)
         self._seen = {"hits": 0, "misses": 0}

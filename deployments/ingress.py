@@ -22,8 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.asgi import CancelledReceiveIsDisconnect
 from deployments.backend import start_backend
 from deployments.contract import EngineRequest, PreparedImage
-from deployments.embedding_server import EncoderHost
-from deployments.encoder_client import EncoderClient
+from deployments.encoder_client import EncoderClient, start_encoder_backend
 from deployments.images import ImagePreparer
 from deployments.metrics import metrics, record_error
 from deployments.ray_errors import client_error
@@ -135,12 +134,9 @@ class ChatIngress:
         # /v1/embeddings and /v1/moderations, when an encoder is served: EmbeddingServer's
         # handle, or (deployments.encoder_in_ingress) an encoder engine in this replica,
         # started after the chat engine (both starts set this process's placement).
-        self._encoder_host = (await EncoderHost.start(config, whole_process=False)
-                              if config.encoder is not None
-                              and config.deployments.encoder_in_ingress else None)
-        encoder_backend = self._encoder_host or encoder
-        self._encoder = (EncoderClient(config, encoder_backend, self._images)
-                         if encoder_backend is not None else None)
+        self._encoder_backend = await start_encoder_backend(config, encoder)
+        self._encoder = (EncoderClient(config, self._encoder_backend, self._images)
+                         if self._encoder_backend is not None else None)
         self._created = int(time.time())
         app.state.api_keys = (
             [k.get_secret_value().encode() for k in config.api_key] if config.api_key else None
@@ -150,13 +146,13 @@ class ChatIngress:
         """Serve's health check: this replica is replaced when the engine it holds (if any)
         cannot be brought back."""
         await self._backend.check_health()
-        if self._encoder_host is not None:
-            await self._encoder_host.check_health()
+        if self._encoder_backend is not None:
+            await self._encoder_backend.check_health()
 
     async def __del__(self) -> None:
         await self._backend.shutdown()
-        if self._encoder_host is not None:
-            await self._encoder_host.shutdown()
+        if self._encoder_backend is not None:
+            await self._encoder_backend.shutdown()
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -181,7 +177,8 @@ class ChatIngress:
     async def record_routing_stats(self) -> dict[str, Any]:
         """The engine's load and counters, when it runs here (Serve polls this; tests and
         benchmarks read it from the replica)."""
-        encoder = {"encoder": self._encoder_host.stats()} if self._encoder_host else {}
+        here = self._encoder_backend.stats() if self._encoder_backend else {}
+        encoder = {"encoder": here} if here else {}
         return {**await self._backend.stats(), "recent_images": self._images.stats(), **encoder}
 
     def _served(self) -> list[str]:

@@ -10,7 +10,7 @@ from ray import serve
 
 from deployments.contract import EngineRequest
 from deployments.engine_host import EngineHost
-from deployments.logs import access_lines_to_file_only
+from deployments.logs import behind_the_ingress
 from deployments.supervisor import EngineReplica
 from handlers.config import IrisConfig
 from handlers.events import EventStream
@@ -22,7 +22,7 @@ class LLMServer(EngineReplica):
 
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         self._host = await EngineHost.start(config)
-        access_lines_to_file_only()  # behind the ingress: its calls stay off the console
+        behind_the_ingress()
 
     async def chat(self, request: EngineRequest) -> EventStream:
         """The engine's events for one request; errors are raised (the caller gets them)."""

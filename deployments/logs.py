@@ -58,6 +58,13 @@ def access_lines_to_file_only(name: str = SERVE_LOGGER) -> None:
         logger.addFilter(AccessLinesToFileOnly())
 
 
+def behind_the_ingress(name: str = SERVE_LOGGER) -> None:
+    """Logging for a replica only the ingress calls (fetcher, preprocessor, LLMServer,
+    EmbeddingServer): a client's mistake is a WARNING line, access lines stay in its file."""
+    quiet_client_errors(name)
+    access_lines_to_file_only(name)
+
+
 @contextlib.contextmanager
 def keep_serve_log_handlers(name: str = SERVE_LOGGER) -> Iterator[None]:
     """vLLM configures logging with `dictConfig`, which closes every existing handler.

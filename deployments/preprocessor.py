@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contract import ImageMeta
-from deployments.logs import access_lines_to_file_only, quiet_client_errors
+from deployments.logs import behind_the_ingress
 from deployments.metrics import metrics
 from deployments.retry import retrying
 from handlers.cache import SingleFlight, SizedLRU
@@ -153,8 +153,7 @@ class Preparation:
 @serve.deployment(name="ImagePreprocessor")
 class ImagePreprocessor(Preparation):
     def __init__(self, config: IrisConfig, fetcher: DeploymentHandle) -> None:
-        quiet_client_errors()
-        access_lines_to_file_only()
+        behind_the_ingress()
         super().__init__(config, fetcher)
 
     async def stats(self) -> dict[str, int]:

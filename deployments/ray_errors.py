@@ -4,10 +4,22 @@ handlers/ never imports Ray; every place that catches what a Ray call raised map
 
 from __future__ import annotations
 
-from ray.exceptions import GetTimeoutError, RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-from handlers.errors import IrisError, Overloaded, RequestTimeout, to_error
+from handlers.errors import IrisError, Overloaded, RequestTimeout, StageUnavailable, to_error
+
+# The replica (or its node) went away under the call: ActorDiedError, ActorUnavailableError
+# (both RayActorError), a crashed worker, a dead node, a replica Serve already dropped.
+REPLICA_GONE: tuple[type[BaseException], ...] = (
+    RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError,
+)
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -24,6 +36,10 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def replica_gone(exc: BaseException) -> bool:
+    return isinstance(unwrap(exc), REPLICA_GONE)
+
+
 def client_error(exc: BaseException) -> IrisError:
     """Any exception, from this process or a remote call, as an error a client may see."""
     inner = unwrap(exc)
@@ -31,4 +47,6 @@ def client_error(exc: BaseException) -> IrisError:
         return Overloaded.at_capacity()
     if isinstance(inner, GetTimeoutError):
         return RequestTimeout.past_deadline()
+    if isinstance(inner, REPLICA_GONE):  # what is left once the retries gave up
+        return StageUnavailable.replica_gone()
     return to_error(inner)

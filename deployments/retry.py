@@ -11,27 +11,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
-from ray.serve.exceptions import ReplicaUnavailableError
-
 from deployments.metrics import metrics
-from deployments.ray_errors import unwrap
+from deployments.ray_errors import replica_gone, unwrap
 
 logger = logging.getLogger("ray.serve.iris.retry")
 
 T = TypeVar("T")
 
-# The replica (or its node) went away under the call: ActorDiedError, ActorUnavailableError
-# (both RayActorError), a crashed worker, a dead node, a replica Serve already dropped.
-REPLICA_GONE: tuple[type[BaseException], ...] = (
-    RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError,
-)
 # Serve replaces a dead replica in seconds; other replicas take over at once.
 BACKOFF_S = (0.05, 0.25, 0.5, 1.0, 2.0)
-
-
-def replica_gone(exc: BaseException) -> bool:
-    return isinstance(unwrap(exc), REPLICA_GONE)
 
 
 async def retrying(

@@ -168,6 +168,20 @@ class EngineUnavailable(IrisError):
                    headers={"Retry-After": str(cls.RETRY_AFTER_S)})
 
 
+class StageUnavailable(IrisError):
+    """A replica serving part of the request (fetcher, preprocessor) went away, and the
+    retries on others ran out of time: nothing is wrong with the request; retry."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+    @classmethod
+    def replica_gone(cls) -> StageUnavailable:
+        return cls("A server replica serving this request went away; retry shortly.",
+                   headers={"Retry-After": "5"})
+
+
 class RequestTimeout(IrisError):
     status = 504
     type = "timeout_error"

@@ -216,3 +216,31 @@ class FakeStreamingHandle:
                 outer.cancelled = True
 
         return Stream()
+
+
+class FakeCallHandle:
+    """Stands in for a DeploymentHandle whose methods answer one value:
+    `handle.<method>.remote(*args)` raises the next of `errors` (a dead replica's, a remote
+    refusal), then answers `answers[method]`. Records every call."""
+
+    def __init__(self, answers: dict[str, Any], errors: list[BaseException] | None = None
+                 ) -> None:
+        self._answers = answers
+        self._errors = list(errors or [])
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        outer = self
+
+        class Method:
+            def remote(self, *args: Any) -> Any:
+                outer.calls.append((method, args))
+
+                async def answer() -> Any:
+                    if outer._errors:
+                        raise outer._errors.pop(0)
+                    return outer._answers[method]
+
+                return answer()
+
+        return Method()

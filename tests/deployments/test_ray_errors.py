@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.ray_errors import client_error, unwrap
@@ -45,3 +45,10 @@ def test_serve_backpressure_is_503_with_retry_after() -> None:
 
 def test_ray_get_timeout_is_504() -> None:
     assert client_error(GetTimeoutError("timed out")).status == 504
+
+
+def test_a_replica_still_gone_when_the_retries_stop_is_a_503_to_retry_not_a_500() -> None:
+    for gone in (ActorDiedError(), remote(ActorDiedError())):
+        err = client_error(gone)
+        assert err.status == 503 and err.code == "service_unavailable"
+        assert err.headers["Retry-After"]
