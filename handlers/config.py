@@ -331,9 +331,10 @@ class DeploymentsSettings(_Strict):
         description="Prepare images sent as data: URIs inside the ChatIngress replica (their "
         "bytes are already there) instead of in the ImagePreprocessor deployment; http(s) "
         "and s3 images still go through the fetcher and the preprocessor. One Ray call and "
-        "one process less per image: on a small machine, embeddings of fresh images ~1.5x "
-        "(docs/benchmarks.md, compare-41). The cost: those images no longer scale with "
-        "the CPU tier, and decoding shares the ingress's cores with HTTP handling.",
+        "one process less per image: on a small machine (infra/local.yaml turns it on) "
+        "fresh images 1.2x for chat and 1.5x for embeddings (docs/benchmarks.md, "
+        "compare-45). The cost: those images no longer scale with the CPU tier, and "
+        "decoding shares the ingress's cores with HTTP handling.",
     )
 
     @field_validator("ingress", "fetcher", "preprocessor", "llm", "encoder", mode="before")

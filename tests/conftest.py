@@ -1,10 +1,12 @@
 """Session-wide real services: moto S3, a loopback image server, and the Iris app in both of
 its layouts, side by side on one Ray instance, started once per session:
 
-- `local`: infra/local.yaml's layout, the engine inside ChatIngress, which clients reach on
-  http.port through Serve's direct ingress (what `make serve` runs);
+- `local`: infra/local.yaml's layout, the engines inside ChatIngress, which clients reach on
+  http.port through Serve's direct ingress, data: images prepared there (what `make serve`
+  runs);
 - `split`: the production layout, the engine in the LLMServer deployment (two replicas),
-  reached through Serve's proxy under /split, as on a cluster.
+  every image through the preprocessor, reached through Serve's proxy under /split, as on a
+  cluster.
 
 Every test that takes `iris` (the base URL) or `iris_config` runs against both."""
 
@@ -80,6 +82,9 @@ def app_configs() -> dict[str, Any]:
         "encoder": None,  # one encoder engine is enough: the local app serves it
         "deployments": d.model_copy(update={
             "engine_in_ingress": False,
+            # The production layout: every image through the preprocessor tier (local's
+            # ingress prepares data: URIs itself, as make serve's does).
+            "data_uris_in_ingress": False,
             "llm": d.llm.model_copy(update={"num_replicas": SPLIT_ENGINE_REPLICAS,
                                             "num_cpus": 0.5}),
         }),

@@ -57,14 +57,34 @@ def test_repeated_image_is_preprocessed_once(iris: str, iris_config, image_serve
     assert first.usage.prompt_tokens == second.usage.prompt_tokens
 
 
-def test_repeated_data_uri_skips_the_preprocessor(iris: str, iris_config) -> None:
+def ingress_image_stats(app_name: str) -> dict[str, int]:
+    import ray
+
+    from tests.support import replica_actors
+
+    (ingress,) = replica_actors(app_name, "ChatIngress")
+    stats: dict[str, int] = ray.get(ingress.record_routing_stats.remote(),
+                                    timeout=30)["recent_images"]
+    return stats
+
+
+def test_a_data_uri_is_prepared_once_then_served_from_the_ingress(iris: str, iris_config
+                                                                  ) -> None:
+    """The first time: by the preprocessor (split), or in the ingress itself (local:
+    deployments.data_uris_in_ingress, make serve's layout). A repeat (a chat app re-sends
+    its conversation's images every turn) reaches neither."""
     client = openai.OpenAI(base_url=iris, api_key=API_KEY, max_retries=0, timeout=300)
     url = data_uri(encode(pattern(700, 500, seed=80), "JPEG"), "image/jpeg")
+    in_ingress = iris_config.deployments.data_uris_in_ingress
+    prep0, ing0 = prep_stats(iris_config.app_name), ingress_image_stats(iris_config.app_name)
     first = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
-    before = prep_stats(iris_config.app_name)
+    prep1, ing1 = prep_stats(iris_config.app_name), ingress_image_stats(iris_config.app_name)
+    assert prep1["misses"] - prep0["misses"] == (0 if in_ingress else 1)
+    assert ing1["misses"] - ing0["misses"] == 1 and ing1["hits"] == ing0["hits"]
     second = client.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=1)
-    after = prep_stats(iris_config.app_name)
-    assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
+    prep2, ing2 = prep_stats(iris_config.app_name), ingress_image_stats(iris_config.app_name)
+    assert (prep2["hits"], prep2["misses"]) == (prep1["hits"], prep1["misses"])
+    assert ing2["hits"] - ing1["hits"] == 1 and ing2["misses"] == ing1["misses"]
     assert first.usage and second.usage
     assert first.usage.prompt_tokens == second.usage.prompt_tokens
 
