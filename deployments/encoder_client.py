@@ -19,6 +19,7 @@ from deployments.embedding_server import EmbedBatch, EncoderHost
 from deployments.images import ImagePreparer
 from deployments.ray_errors import client_error, replica_gone
 from deployments.retry import retrying
+from deployments.supervisor import require_ready
 from handlers.config import IrisConfig
 from handlers.embeddings import embedding_response, parse_embedding_request
 from handlers.encoder import Text
@@ -62,8 +63,7 @@ class InProcessEncoder:
         self._host = host
 
     async def ready(self) -> None:
-        if not self._host.ready():
-            raise EngineUnavailable.restarting()
+        require_ready(self._host)
 
     async def embed(self, batch: EmbedBatch, deadline: float) -> tuple[list[list[float]], int]:
         return await self._host.embed(batch)

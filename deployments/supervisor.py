@@ -151,6 +151,13 @@ class EngineHostLike(Protocol):
     async def shutdown(self) -> None: ...
 
 
+def require_ready(host: EngineHostLike) -> None:
+    """Raises engine_unavailable (503, Retry-After) while the host's engine is loading or
+    restarting."""
+    if not host.ready():
+        raise EngineUnavailable.restarting()
+
+
 class EngineReplica:
     """Serve's hooks for a deployment whose replica holds one supervised engine
     (LLMServer's EngineHost, EmbeddingServer's EncoderHost)."""
@@ -162,8 +169,7 @@ class EngineReplica:
         await self._host.check_health()
 
     async def ready(self) -> None:
-        if not self._host.ready():
-            raise EngineUnavailable.restarting()
+        require_ready(self._host)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """The engine's load and counters (Serve polls this; tests and benchmarks read it

@@ -172,6 +172,21 @@ class FakeEngineHost:
         pass
 
 
+class FakeEncoderHost:
+    """Stands in for deployments.embedding_server.EncoderHost in encoder unit tests: ready or
+    not (its engine restarting), and CLIP's temperature."""
+
+    def __init__(self, ready: bool, logit_scale: float | None = 100.0) -> None:
+        self._ready = ready
+        self._logit_scale = logit_scale
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def logit_scale(self) -> float | None:
+        return self._logit_scale
+
+
 class FakeStreamingHandle:
     """Stands in for a DeploymentHandle in ServeBackend unit tests: `.options(stream=True)
     .chat.remote(request)` returns an async iterator over `events`, then raises `fail`;

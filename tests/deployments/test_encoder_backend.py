@@ -12,7 +12,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from deployments.embedding_server import EmbedBatch
 from deployments.encoder_client import InProcessEncoder, ServeEncoder
 from handlers.errors import EngineUnavailable, InvalidRequest
-from tests.fakes import FakeCallHandle
+from tests.fakes import FakeCallHandle, FakeEncoderHost
 
 BATCH = EmbedBatch(["a photo of a cat"])
 ANSWER = ([[1.0, 0.0]], 5)
@@ -42,21 +42,8 @@ async def test_serve_encoder_gives_up_on_a_lost_replica_at_its_deadline() -> Non
     assert len(handle.calls) == 1
 
 
-class Host:
-    """What InProcessEncoder reads of an EncoderHost."""
-
-    def __init__(self, ready: bool) -> None:
-        self._ready = ready
-
-    def ready(self) -> bool:
-        return self._ready
-
-    def logit_scale(self) -> float | None:
-        return 100.0
-
-
 async def test_in_process_encoder_is_not_ready_while_its_engine_restarts() -> None:
     with pytest.raises(EngineUnavailable):
-        await InProcessEncoder(Host(ready=False)).ready()  # type: ignore[arg-type]
-    await InProcessEncoder(Host(ready=True)).ready()  # type: ignore[arg-type]
-    assert await InProcessEncoder(Host(ready=True)).logit_scale() == 100.0  # type: ignore[arg-type]
+        await InProcessEncoder(FakeEncoderHost(ready=False)).ready()  # type: ignore[arg-type]
+    await InProcessEncoder(FakeEncoderHost(ready=True)).ready()  # type: ignore[arg-type]
+    assert await InProcessEncoder(FakeEncoderHost(ready=True)).logit_scale() == 100.0  # type: ignore[arg-type]
