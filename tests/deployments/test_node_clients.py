@@ -85,7 +85,11 @@ def test_vercel_ai_sdk(iris: str, s3: S3Server, image_server: ImageServer) -> No
         assert result["input_tokens"] > max(30, text_only + 10), (case, result, text_only)
         assert 1 <= result["output_tokens"] <= MAX_OUTPUT_TOKENS, (case, result)
     for case in STREAM:
-        assert out[case]["text_deltas"] >= 1 or out[case]["finish_reason"] == "length"
+        # Every character Iris streamed reached the app as text deltas (a random model may stop
+        # at once, so an empty answer is allowed; text lost between Iris and the SDK is not).
+        result = out[case]
+        assert result["text"] == result["sent_text"], (case, result)
+        assert result["text_deltas"] >= (1 if result["sent_text"] else 0), (case, result)
     assert len({out[c]["input_tokens"] for c in GENERATE + STREAM}) == 1, out
     # Without includeUsage the SDK asks for no usage; the stream still ends cleanly.
     assert out["compat_default_stream_data"]["ok"] is True
