@@ -16,7 +16,7 @@ from deployments.contract import ImagePixels
 from deployments.logs import behind_the_ingress, keep_serve_log_handlers, quiet_client_errors
 from deployments.supervisor import EngineReplica, Supervisor
 from handlers.config import EncoderSettings, IrisConfig
-from handlers.cpu_affinity import engine_process_cores, move_to, pinned
+from handlers.cpu_affinity import engine_process_cores, move_to, pinned, to_replica_cores
 from handlers.encoder import Text, VllmEncoder, read_logit_scale
 from handlers.errors import EngineUnavailable
 
@@ -115,6 +115,7 @@ class EmbeddingServer(EngineReplica):
     _host: EncoderHost
 
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+        to_replica_cores()  # then to the engine's cores, with the engine (whole_process)
         self._host = await EncoderHost.start(config, whole_process=True)
         behind_the_ingress()
 

@@ -9,12 +9,14 @@ from ray import serve
 from deployments.logs import behind_the_ingress
 from deployments.metrics import metrics, scheme_of
 from handlers.config import IrisConfig
+from handlers.cpu_affinity import to_replica_cores
 from handlers.fetch import FetchedImage, Fetcher
 
 
 @serve.deployment(name="ImageFetcher")
 class ImageFetcher:
     def __init__(self, config: IrisConfig) -> None:
+        to_replica_cores()
         behind_the_ingress()
         # One Fetcher per replica: its cache and single-flight serve every request here.
         self._fetcher = Fetcher(config.fetch)

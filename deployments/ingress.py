@@ -30,6 +30,7 @@ from handlers import json_body
 from handlers.auth import BearerAuth
 from handlers.capped import CappedBuffer
 from handlers.config import IrisConfig
+from handlers.cpu_affinity import to_replica_cores
 from handlers.errors import (
     InternalError,
     InvalidRequest,
@@ -125,6 +126,7 @@ class ChatIngress:
         self, config: IrisConfig, preprocessor: DeploymentHandle,
         llm: DeploymentHandle | None, encoder: DeploymentHandle | None = None,
     ) -> None:
+        to_replica_cores()
         self._cfg = config
         self._model_id = config.model.id if config.serve_chat else None
         self._images = ImagePreparer(preprocessor, config)

@@ -13,6 +13,7 @@ from deployments.engine_host import EngineHost
 from deployments.logs import behind_the_ingress
 from deployments.supervisor import EngineReplica
 from handlers.config import IrisConfig
+from handlers.cpu_affinity import to_replica_cores
 from handlers.events import EventStream
 
 
@@ -21,6 +22,7 @@ class LLMServer(EngineReplica):
     _host: EngineHost
 
     async def __init__(self, config: IrisConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+        to_replica_cores()
         self._host = await EngineHost.start(config)
         behind_the_ingress()
 

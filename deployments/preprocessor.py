@@ -17,6 +17,7 @@ from deployments.metrics import metrics
 from deployments.retry import retrying
 from handlers.cache import SingleFlight, SizedLRU
 from handlers.config import IrisConfig
+from handlers.cpu_affinity import to_replica_cores
 from handlers.imaging import (
     PreparedPixels,
     configure_threads,
@@ -153,6 +154,7 @@ class Preparation:
 @serve.deployment(name="ImagePreprocessor")
 class ImagePreprocessor(Preparation):
     def __init__(self, config: IrisConfig, fetcher: DeploymentHandle) -> None:
+        to_replica_cores()
         behind_the_ingress()
         super().__init__(config, fetcher)
 

@@ -27,7 +27,14 @@ from deployments.progress import (
 )
 from handlers.config import IrisConfig
 from handlers.config_load import ConfigError, load_config
-from handlers.cpu_affinity import OMP_BIND_ENV, engine_core_split, omp_bind, pinned
+from handlers.cpu_affinity import (
+    OMP_BIND_ENV,
+    REPLICA_CORES_ENV,
+    engine_core_split,
+    omp_bind,
+    pinned,
+    ray_start_cores,
+)
 
 
 @dataclass(frozen=True)
@@ -152,12 +159,19 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     # engine's cores instead. Whether no split would serve embeddings better is not measured
     # (docs/benchmarks.md, compare-17).
     split = engine_core_split(cfg.engine)
+    start_on, replicas_on = ray_start_cores(cfg.engine, split)
     if split is not None:
         extra[OMP_BIND_ENV] = omp_bind(split[0])
         also = " (its worker's threads on every core)" if (
             cfg.engine.cpu_worker_threads == "all") else ""
-        print(f">> CPU engine on cores {split[0]}{also}; Ray and the replicas on {split[1]}",
-              flush=True)
+        if replicas_on:
+            # Replicas start where Ray does and move themselves (to_replica_cores).
+            extra[REPLICA_CORES_ENV] = omp_bind(replicas_on)
+            print(f">> CPU engine and Ray's own processes on cores {split[0]}{also}; "
+                  f"the replicas on {split[1]}", flush=True)
+        else:
+            print(f">> CPU engine on cores {split[0]}{also}; Ray and the replicas on "
+                  f"{split[1]}", flush=True)
     # Ray's processes inherit this environment and CPU affinity when they start; put them
     # back afterwards so other Ray clusters this process starts (tests) do not inherit them.
     address = kwargs.get("address")
@@ -176,7 +190,7 @@ def init_ray(cfg: IrisConfig, *, num_cpus: int | None = None, **kwargs: Any) -> 
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     try:
-        with pinned(split[1] if split else []), holding(http.host, ports):
+        with pinned(start_on), holding(http.host, ports):
             ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
     finally:
         for k, v in saved.items():

@@ -73,6 +73,16 @@ class EngineSettings(_Strict):
         "big images (compare-28).",
     )
 
+    ray_cores: Literal["replicas", "engine"] = Field(
+        "replicas",
+        description="With cpu_cores placing a CPU engine: where Ray's own processes run (the "
+        "GCS, the raylet, its agents, Serve's controller and proxy; ~140 ms of CPU per second "
+        "on an idle `make serve`). replicas: beside the replicas, as everything Ray starts. "
+        "engine: on the engine's cores, and each replica moves itself to the replicas' cores "
+        "when it starts, so request handling has its cores to itself; the engine's cores "
+        "idle when its work is light (embeddings).",
+    )
+
     tool_call_parser: str | None = Field(
         "hermes",
         description="vLLM's tool-call parser for the model's chat template, with auto tool "

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from handlers.config import CpuCores, EngineSettings
 
 OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+# Set by init_ray when Ray's own processes start on the engine's cores
+# (engine.ray_cores: engine): the cores every replica moves itself to.
+REPLICA_CORES_ENV = "IRIS_REPLICA_CORES"
 
 
 def available_cores() -> list[int]:
@@ -58,6 +61,31 @@ def engine_core_split(engine: EngineSettings) -> tuple[list[int], list[int]] | N
 def omp_bind(cores: list[int]) -> str:
     """VLLM_CPU_OMP_THREADS_BIND's format: '0,1,2'."""
     return ",".join(str(c) for c in cores)
+
+
+def ray_start_cores(engine: EngineSettings,
+                    split: tuple[list[int], list[int]] | None) -> tuple[list[int], list[int]]:
+    """(the cores Ray's processes start on, the cores replicas move to; [] for where they
+    start) for engine_core_split's `split`."""
+    if split is None:
+        return [], []
+    if engine.ray_cores == "engine":
+        return split[0], split[1]
+    return split[1], []
+
+
+def replica_cores(environ: Mapping[str, str]) -> list[int]:
+    """In a replica: the cores init_ray meant replicas to run on, [] where it did not say."""
+    try:
+        return sorted({int(c) for c in environ.get(REPLICA_CORES_ENV, "").split(",") if c})
+    except ValueError:
+        return []
+
+
+def to_replica_cores() -> None:
+    """Called first in every replica: off the cores Ray's processes started it on, onto the
+    replicas' (engine.ray_cores: engine); nothing otherwise."""
+    move_to(replica_cores(os.environ))
 
 
 def engine_process_cores(engine: EngineSettings, environ: dict[str, str]) -> list[int]:
