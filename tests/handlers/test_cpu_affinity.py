@@ -10,10 +10,13 @@ from handlers import cpu_affinity
 from handlers.config import EngineSettings
 from handlers.cpu_affinity import (
     OMP_BIND_ENV,
+    REPLICA_CORES_ENV,
     engine_core_split,
     engine_process_cores,
     omp_bind,
     pinned,
+    ray_start_cores,
+    replica_cores,
     split_cores,
     worker_threads,
 )
@@ -94,6 +97,22 @@ def test_cpu_cores_must_be_positive() -> None:
         EngineSettings(cpu_cores=0)
 
 
+def test_ray_starts_beside_the_replicas_or_on_the_engine_cores() -> None:
+    split = ([0, 1], [2, 3])
+    # replicas (the default): Ray starts on the replicas' cores, no replica needs to move.
+    assert ray_start_cores(EngineSettings(cpu_cores=2), split) == ([2, 3], [])
+    # engine: Ray starts on the engine's cores, replicas move to theirs.
+    assert ray_start_cores(EngineSettings(cpu_cores=2, ray_cores="engine"), split) == split
+    # Nothing placed: nothing pinned, nobody moves.
+    assert ray_start_cores(EngineSettings(ray_cores="engine"), None) == ([], [])
+
+
+def test_replica_cores_come_from_init_ray_or_are_none() -> None:
+    assert replica_cores({REPLICA_CORES_ENV: "3,1"}) == [1, 3]
+    assert replica_cores({}) == [] and replica_cores({REPLICA_CORES_ENV: ""}) == []
+    assert replica_cores({REPLICA_CORES_ENV: "1-3"}) == []  # not init_ray's form: stay
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs two cores to pin to one")
 def test_pinned_is_inherited_by_children_and_undone_after() -> None:
@@ -157,4 +176,42 @@ def test_init_ray_starts_ray_beside_the_engine_cores(monkeypatch: pytest.MonkeyP
     seen.clear()
     init_ray(IrisConfig(engine={"cpu_cores": "off"}))
     assert seen == {"bind": None, "affinity": sorted(before)}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to pin to one")
+def test_init_ray_can_start_ray_on_the_engine_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine.ray_cores: engine: Ray's processes start on the engine's cores and are told
+    where replicas go (ray.init faked); a replica that is told moves there."""
+    import ray
+
+    from deployments.run import init_ray
+    from handlers.config import IrisConfig
+
+    seen: dict[str, object] = {}
+
+    def fake_init(**_: object) -> None:
+        seen["replicas"] = os.environ.get(REPLICA_CORES_ENV)
+        seen["affinity"] = sorted(os.sched_getaffinity(0))
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv(OMP_BIND_ENV, raising=False)
+    monkeypatch.delenv(REPLICA_CORES_ENV, raising=False)
+    before = os.sched_getaffinity(0)
+    engine, others = split_cores(sorted(before), "auto") or ([], [])
+    init_ray(IrisConfig(engine={"cpu_cores": "auto", "ray_cores": "engine"}))
+    assert seen == {"replicas": omp_bind(others), "affinity": engine}
+    assert os.sched_getaffinity(0) == before and REPLICA_CORES_ENV not in os.environ
+    # A replica started on the engine's cores with that environment (in a child: moving
+    # this test process would outlast the test).
+    code = ("import os; from handlers.cpu_affinity import to_replica_cores; "
+            "to_replica_cores(); print(sorted(os.sched_getaffinity(0)))")
+    with pinned(engine):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={**os.environ, REPLICA_CORES_ENV: omp_bind(others)})
+    assert out.stdout.strip() == str(others)
+    with pinned(engine):  # not told: stays where it started
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+    assert out.stdout.strip() == str(engine)
 
