@@ -288,10 +288,23 @@ def _chat_worker_cores(run: Run) -> set[int]:
     raise AssertionError("no chat engine worker among:\n" + _describe(list(run.tree.values())))
 
 
+def _cores_of(run: Run, name: str) -> set[int]:
+    """The cores the threads of the run's process `name` may run on: an executable's name,
+    or the start of a Ray worker's title (ray::...)."""
+    run.remember_tree()
+    for proc in run.tree.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.name() == name or " ".join(proc.cmdline()).startswith(name):
+                return {c for t in proc.threads() for c in os.sched_getaffinity(t.id)}
+    raise AssertionError(f"no {name!r} among:\n" + _describe(list(run.tree.values())))
+
+
 @pytest.mark.timeout(1500)
 def test_start_ctrl_c_and_start_again_at_once() -> None:
     """infra/local.yaml places the engine (cpu_cores: auto) with its worker's threads on
-    every core (cpu_worker_threads: all); the second run keeps them on the engine's cores."""
+    every core (cpu_worker_threads: all) and Ray's own processes on the engine's cores
+    (ray_cores: engine), the replicas on the others; the second run keeps the worker's
+    threads on the engine's cores and starts Ray beside the replicas."""
     port, proxy_port, metrics_port = free_port(), free_port(), free_port()
     env = _env(IRIS_HTTP__PORT=str(port), IRIS_HTTP__PROXY_PORT=str(proxy_port),
                IRIS_METRICS_PORT=str(metrics_port))
@@ -301,13 +314,23 @@ def test_start_ctrl_c_and_start_again_at_once() -> None:
         _check_ready(first, ready, port, proxy_port, metrics_port)
         if split is not None:
             engine, others = split
-            assert (f">> CPU engine on cores {engine} (its worker's threads on every core); "
-                    f"Ray and the replicas on {others}") in first.lines, first.tail()
+            assert (f">> CPU engine and Ray's own processes on cores {engine} (its worker's "
+                    f"threads on every core); the replicas on {others}") in first.lines, \
+                first.tail()
             assert _chat_worker_cores(first) == set(cores)
+            assert _cores_of(first, "gcs_server") == set(engine)
+            assert _cores_of(first, "ray::ServeController") == set(engine)
+            assert _cores_of(first, "ray::ServeReplica:iris:ChatIngress") == set(others)
+            assert _cores_of(first, "ray::ServeReplica:iris:ImagePreprocessor") == set(others)
         _stop_and_check(first)
     # Right away, on the same ports: the first run's connections may still be closing.
-    with serving({**env, "IRIS_ENGINE__CPU_WORKER_THREADS": "engine"}) as (second, ready):
+    with serving({**env, "IRIS_ENGINE__CPU_WORKER_THREADS": "engine",
+                  "IRIS_ENGINE__RAY_CORES": "replicas"}) as (second, ready):
         _check_ready(second, ready, port, proxy_port, metrics_port)
         if split is not None:
+            assert (f">> CPU engine on cores {engine}; Ray and the replicas on {others}"
+                    in second.lines), second.tail()
             assert _chat_worker_cores(second) == set(split[0])
+            assert _cores_of(second, "gcs_server") == set(others)
+            assert _cores_of(second, "ray::ServeReplica:iris:ChatIngress") == set(others)
         _stop_and_check(second)
