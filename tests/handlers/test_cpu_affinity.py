@@ -152,7 +152,8 @@ print(seen["early"], seen["late"], sorted(os.sched_getaffinity(0)))
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs two cores to pin to one")
-def test_init_ray_starts_ray_beside_the_engine_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_ray_starts_ray_beside_the_replicas_or_the_engine(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """What Ray's processes would inherit when init_ray starts them (ray.init faked)."""
     import ray
 
@@ -163,34 +164,6 @@ def test_init_ray_starts_ray_beside_the_engine_cores(monkeypatch: pytest.MonkeyP
 
     def fake_init(**_: object) -> None:
         seen["bind"] = os.environ.get(OMP_BIND_ENV)
-        seen["affinity"] = sorted(os.sched_getaffinity(0))
-
-    monkeypatch.setattr(ray, "init", fake_init)
-    monkeypatch.delenv(OMP_BIND_ENV, raising=False)
-    before = os.sched_getaffinity(0)
-    engine, others = split_cores(sorted(before), "auto") or ([], [])
-    init_ray(IrisConfig(engine={"cpu_cores": "auto"}))
-    assert seen == {"bind": omp_bind(engine), "affinity": others}
-    # Put back for this process (and whatever else it starts).
-    assert os.sched_getaffinity(0) == before and OMP_BIND_ENV not in os.environ
-    seen.clear()
-    init_ray(IrisConfig(engine={"cpu_cores": "off"}))
-    assert seen == {"bind": None, "affinity": sorted(before)}
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs two cores to pin to one")
-def test_init_ray_can_start_ray_on_the_engine_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """engine.ray_cores: engine: Ray's processes start on the engine's cores and are told
-    where replicas go (ray.init faked); a replica that is told moves there."""
-    import ray
-
-    from deployments.run import init_ray
-    from handlers.config import IrisConfig
-
-    seen: dict[str, object] = {}
-
-    def fake_init(**_: object) -> None:
         seen["replicas"] = os.environ.get(REPLICA_CORES_ENV)
         seen["affinity"] = sorted(os.sched_getaffinity(0))
 
@@ -199,19 +172,38 @@ def test_init_ray_can_start_ray_on_the_engine_cores(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv(REPLICA_CORES_ENV, raising=False)
     before = os.sched_getaffinity(0)
     engine, others = split_cores(sorted(before), "auto") or ([], [])
-    init_ray(IrisConfig(engine={"cpu_cores": "auto", "ray_cores": "engine"}))
-    assert seen == {"replicas": omp_bind(others), "affinity": engine}
-    assert os.sched_getaffinity(0) == before and REPLICA_CORES_ENV not in os.environ
-    # A replica started on the engine's cores with that environment (in a child: moving
-    # this test process would outlast the test).
+    for settings, expected in (
+        # Ray, and so every replica, on the cores the engine does not have.
+        ({"cpu_cores": "auto"}, {"bind": omp_bind(engine), "replicas": None,
+                                 "affinity": others}),
+        # Ray on the engine's cores, told where its replicas go.
+        ({"cpu_cores": "auto", "ray_cores": "engine"},
+         {"bind": omp_bind(engine), "replicas": omp_bind(others), "affinity": engine}),
+        ({"cpu_cores": "off", "ray_cores": "engine"},
+         {"bind": None, "replicas": None, "affinity": sorted(before)}),
+    ):
+        seen.clear()
+        init_ray(IrisConfig(engine=settings))
+        assert seen == expected, settings
+        # Put back for this process (and whatever else it starts).
+        assert os.sched_getaffinity(0) == before
+        assert OMP_BIND_ENV not in os.environ and REPLICA_CORES_ENV not in os.environ
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to pin to one")
+def test_a_replica_moves_to_the_cores_init_ray_named() -> None:
+    """A replica started where Ray started (in a child: moving this test process would
+    outlast the test)."""
+    first, last = min(os.sched_getaffinity(0)), max(os.sched_getaffinity(0))
     code = ("import os; from handlers.cpu_affinity import to_replica_cores; "
             "to_replica_cores(); print(sorted(os.sched_getaffinity(0)))")
-    with pinned(engine):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True, env={**os.environ, REPLICA_CORES_ENV: omp_bind(others)})
-    assert out.stdout.strip() == str(others)
-    with pinned(engine):  # not told: stays where it started
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True)
-    assert out.stdout.strip() == str(engine)
+    told = {**os.environ, REPLICA_CORES_ENV: str(last)}
+    untold = {k: v for k, v in os.environ.items() if k != REPLICA_CORES_ENV}
+    with pinned([first]):
+        moved = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True, env=told).stdout
+        stayed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True, env=untold).stdout
+    assert (moved.strip(), stayed.strip()) == (f"[{last}]", f"[{first}]")
 
