@@ -28,10 +28,14 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from handlers.config import REPO_ROOT, IrisConfig
+from handlers.cpu_affinity import REPLICA_CORES_ENV
 
 PREFIX = "IRIS_"
 SEP = "__"
 CONFIG_FILE_VAR = "IRIS_CONFIG"  # names the YAML file; not a field
+# Also not a field: set by init_ray in Ray's processes, where an app built inside Ray
+# (Serve's import_path, deployments.app) reads its config.
+NOT_FIELDS = frozenset({CONFIG_FILE_VAR, REPLICA_CORES_ENV})
 DEFAULT_CONFIG_PATH = REPO_ROOT / "infra" / "local.yaml"
 
 
@@ -95,7 +99,7 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     """IRIS_* variables as a nested mapping, checked against the fields."""
     layer: dict[str, Any] = {}
     for name, raw in sorted(environ.items()):
-        if not name.startswith(PREFIX) or name == CONFIG_FILE_VAR:
+        if not name.startswith(PREFIX) or name in NOT_FIELDS:
             continue
         path, annotation = _resolve(name)
         value = raw if _as_written(annotation) else _json_or_str(raw)

@@ -44,6 +44,15 @@ def test_environment_over_the_file(yaml_file: Path) -> None:
     assert cfg.model.id == "m1"
 
 
+def test_the_replica_cores_init_ray_sets_are_not_a_setting(yaml_file: Path) -> None:
+    """An app built inside the Ray instance `make serve` started (Serve's import_path) sees
+    init_ray's IRIS_REPLICA_CORES: not a field, and not refused as a typo either."""
+    from handlers.cpu_affinity import REPLICA_CORES_ENV
+
+    cfg = load(yaml_file, **{REPLICA_CORES_ENV: "1"})
+    assert cfg.model.id == "m1"
+
+
 def test_explicit_values_over_the_environment(yaml_file: Path) -> None:
     cfg = load_config(environ={"IRIS_CONFIG": str(yaml_file), "IRIS_MODEL__ID": "from-env"},
                       model={"id": "explicit"})
