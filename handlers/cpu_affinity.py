@@ -78,12 +78,18 @@ def ray_start_cores(engine: EngineSettings,
     return split[1], []
 
 
-def replica_cores(environ: Mapping[str, str]) -> list[int]:
-    """In a replica: the cores init_ray meant replicas to run on, [] where it did not say."""
+def parse_cores(text: str) -> list[int]:
+    """omp_bind's format back to cores; [] for anything else (vLLM's own forms: auto,
+    nobind, 0-3|4-7)."""
     try:
-        return sorted({int(c) for c in environ.get(REPLICA_CORES_ENV, "").split(",") if c})
+        return sorted({int(c) for c in text.split(",")}) if text else []
     except ValueError:
         return []
+
+
+def replica_cores(environ: Mapping[str, str]) -> list[int]:
+    """In a replica: the cores init_ray meant replicas to run on, [] where it did not say."""
+    return parse_cores(environ.get(REPLICA_CORES_ENV, ""))
 
 
 def to_replica_cores() -> None:
@@ -96,13 +102,7 @@ def engine_process_cores(engine: EngineSettings, environ: dict[str, str]) -> lis
     """In the engine replica: the cores init_ray gave the worker (read back from the
     environment Ray started with), for the engine's core process to join; [] if Iris
     did not place the engine."""
-    bind = environ.get(OMP_BIND_ENV, "")
-    if not _iris_places(engine) or not bind:
-        return []
-    try:
-        return sorted({int(c) for c in bind.split(",")})
-    except ValueError:  # vLLM's own forms (auto, nobind, 0-3|4-7): not Iris's
-        return []
+    return parse_cores(environ.get(OMP_BIND_ENV, "")) if _iris_places(engine) else []
 
 
 def worker_threads(engine: EngineSettings, engine_cores: list[int]) -> list[int]:
