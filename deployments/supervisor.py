@@ -32,6 +32,8 @@ class Engine(Protocol):
 
     def num_unfinished(self) -> int: ...
 
+    def fail_in_flight(self) -> None: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -109,6 +111,9 @@ class Supervisor(Generic[E]):
                 logger.exception("engine watchdog failed")
 
     async def _restart(self) -> None:
+        # Requests still waiting on the dead engine answer 503 now: none waits forever on it.
+        with contextlib.suppress(Exception):
+            self.engine.fail_in_flight()
         with contextlib.suppress(Exception):
             self.engine.shutdown()
         left = await asyncio.to_thread(end_processes, self._tree)

@@ -33,6 +33,7 @@ from handlers.errors import (
 )
 from handlers.events import EventStream, JsonAnswer, SseChunk
 from handlers.protocol import validation_message
+from handlers.reaper import alive, process_tree
 
 # A child of Serve's logger: in a replica, its lines go to the replica log with the request id.
 logger = logging.getLogger("ray.serve.iris.engine")
@@ -195,11 +196,27 @@ class InProcessEngine:
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
+        self._failed = False
+        # The core processes as started (psutil remembers each one's start time: a reused
+        # pid is never taken for it).
+        self._cores = process_tree(self.pids(), children=False)
 
     @property
     def errored(self) -> bool:
-        """The engine is dead (its core process exited): nothing more will be served."""
-        return bool(self._engine.errored)
+        """The engine is dead (its core process exited): nothing more will be served. Seen
+        here the moment the process is gone, not only once vLLM's monitor thread has flagged
+        it: a request sent in between would wait on a dead engine."""
+        return self._failed or bool(self._engine.errored) or not all(map(alive, self._cores))
+
+    def fail_in_flight(self) -> None:
+        """Ends every request still waiting on this dead engine with vLLM's EngineDeadError
+        (so their callers answer 503), as vLLM's output handler does when it sees the death
+        first. Shutting the engine down cancels that handler, and a request it had not
+        failed yet would otherwise wait forever."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._failed = True
+        self._engine.output_processor.propagate_error(EngineDeadError())
 
     async def check_health(self) -> None:
         await self._engine.check_health()

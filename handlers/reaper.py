@@ -64,17 +64,26 @@ class Reaper:
             self._proc.stdin.close()
 
 
-def process_tree(pids: list[int]) -> list[psutil.Process]:
-    """The processes `pids` and their descendants, as they are now (each remembered with its
-    start time, so that a reused pid is never mistaken for it later)."""
+def process_tree(pids: list[int], *, children: bool = True) -> list[psutil.Process]:
+    """The processes `pids` and (`children`) their descendants, as they are now (each
+    remembered with its start time, so that a reused pid is never mistaken for it later).
+    A pid already gone is left out."""
     out: list[psutil.Process] = []
     for pid in pids:
         try:
             p = psutil.Process(pid)
-            out += [p, *p.children(recursive=True)]
+            out += [p, *(p.children(recursive=True) if children else [])]
         except psutil.Error:
             pass
     return out
+
+
+def alive(p: psutil.Process) -> bool:
+    """Still running: not exited, not a zombie waiting for its parent to reap it."""
+    try:
+        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def end_processes(procs: list[psutil.Process], timeout_s: float = 5.0) -> int:

@@ -259,3 +259,45 @@ class FakeCallHandle:
                 return answer()
 
         return Method()
+
+
+class EngineStandIn:
+    """What handlers.engine.InProcessEngine reads of vLLM's AsyncLLM: its errored flag, its
+    core processes (real ones, started by the test) and the output processor's error
+    propagation (recorded)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        from types import SimpleNamespace
+
+        self.errored = False  # what vLLM's monitor thread would set
+        self.propagated: list[BaseException] = []
+        manager = SimpleNamespace(processes=[SimpleNamespace(pid=p) for p in pids])
+        self.engine_core = SimpleNamespace(resources=SimpleNamespace(engine_manager=manager))
+        self.output_processor = SimpleNamespace(propagate_error=self.propagated.append)
+
+    def get_num_unfinished_requests(self) -> int:
+        return 0
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SupervisedEngine:
+    """An engine for deployments.supervisor tests: dies when told, records what the
+    supervisor did to it, in order."""
+
+    def __init__(self) -> None:
+        self.errored = False
+        self.calls: list[str] = []
+
+    def pids(self) -> list[int]:
+        return []
+
+    def num_unfinished(self) -> int:
+        return 0
+
+    def fail_in_flight(self) -> None:
+        self.calls.append("fail_in_flight")
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
