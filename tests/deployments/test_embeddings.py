@@ -252,22 +252,31 @@ def test_the_same_vectors_as_vllms_own_server(app: IrisApp, vllm_pooling: str) -
 
 def test_a_killed_encoder_engine_is_restarted_in_its_replica(app: IrisApp) -> None:
     """make serve runs the encoder's engine inside ChatIngress (encoder_in_ingress). When its
-    EngineCore dies, embeddings are 503 engine_unavailable with Retry-After (never a 500)
-    until the replica has started it again, chat goes on meanwhile, and nothing of the dead
-    engine is left."""
-    import os
-    import signal
+    EngineCore dies, the request it held is answered 503 engine_unavailable (never left
+    waiting), as is every request until the replica has started it again; chat goes on
+    meanwhile, and nothing of the dead engine is left."""
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    import psutil
-
-    from handlers.reaper import process_tree
+    from handlers.reaper import alive, process_tree
 
     assert app.config.deployments.encoder_in_ingress
     before = engine_stats(app.config.app_name, "ChatIngress")[0]["encoder"]
     old = process_tree(before["engine_pids"])  # the EngineCore and its worker
     assert len(old) >= 2
-    os.kill(before["engine_pids"][0], signal.SIGKILL)
+    core = old[0]
+    core.suspend()  # a request sent now stays in the engine
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(post_chat, app.base, {"model": ENCODER, "input": ["a dog"]},
+                           path="/embeddings")
+        deadline = time.monotonic() + 120  # a guard, not an assertion
+        while (engine_stats(app.config.app_name, "ChatIngress")[0]["encoder"]
+               ["unfinished_requests"] == 0 and time.monotonic() < deadline):
+            time.sleep(0.2)
+        core.kill()
+        answer = held.result()
+    assert assert_envelope(answer, 503)["code"] == "engine_unavailable"
+    assert answer.headers["retry-after"]
     assert_still_serving(app.base)
     refused = 0
     deadline = time.monotonic() + 600  # a guard, not an assertion
@@ -283,5 +292,4 @@ def test_a_killed_encoder_engine_is_restarted_in_its_replica(app: IrisApp) -> No
     assert refused  # the client was told to retry, not served by a dead engine
     after = engine_stats(app.config.app_name, "ChatIngress")[0]["encoder"]
     assert after["engine_restarts"] == before["engine_restarts"] + 1
-    assert not [p.pid for p in old if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p.pid for p in old if alive(p)]
