@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from handlers.cpu_affinity import split_cores
+from handlers.reaper import alive
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,9 +146,9 @@ class Run:
         """Processes of this run still alive after `grace_s` (zombies count as gone)."""
         deadline = time.monotonic() + grace_s
         while True:
-            alive = [p for p in self.tree.values() if _alive(p)]
-            if not alive or time.monotonic() > deadline:
-                return alive
+            left = [p for p in self.tree.values() if alive(p)]
+            if not left or time.monotonic() > deadline:
+                return left
             time.sleep(0.5)
 
     def kill(self) -> None:
@@ -162,13 +163,6 @@ class Run:
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.lines[-n:])
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _describe(procs: list[psutil.Process]) -> str:
